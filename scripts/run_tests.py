@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""The whole check, in the project venv: ruff, mypy, pytest (extra arguments go to pytest).
+
+Normally started by `python3 bootstrap.py test [pytest args...]`.
+
+Infrastructure for pytest, per variable:
+  * QUOTA_TEST_DATABASE_URL / QUOTA_TEST_KAFKA_BOOTSTRAP already set: used as they are;
+  * otherwise, when a Docker engine answers (`docker info`): nothing is started here, the
+    pytest fixtures start testcontainers themselves;
+  * otherwise PostgreSQL is found or started (`find_or_start_postgres`) and a Tansu broker is
+    started, both with their files under `.work/`, and stopped again at the end.
+Every step runs even when an earlier one failed; the exit code is non-zero when any failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from services.infra.testenv import (  # noqa: E402
+    TEST_DATABASE_URL_ENV,
+    TEST_KAFKA_BOOTSTRAP_ENV,
+    docker_engine_available,
+)
+
+WORKDIR = ROOT / ".work"
+MYPY_TARGETS = ("services", "tests", "bench", "scripts", "bootstrap.py", "migrations")
+PYTEST_NO_TESTS_COLLECTED = 5
+
+
+def header(text: str) -> None:
+    line = "=" * max(20, 78 - len(text) - 4)
+    print(f"\n=== {text} {line}", flush=True)
+
+
+def run_step(args: list[str]) -> int:
+    """Run one tool in the foreground and return its exit code."""
+    process = subprocess.Popen(args, cwd=ROOT)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        # The child got the terminal's SIGINT too: give it a moment to print its own report.
+        _reap(process, grace=5.0)
+        raise
+    except BaseException:
+        _reap(process, grace=0.0)
+        raise
+
+
+def _reap(process: subprocess.Popen[bytes], grace: float) -> None:
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(grace)
+        return
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def infrastructure() -> Iterator[None]:
+    """Provide the two QUOTA_TEST_* variables to pytest, starting what is missing."""
+    wanted = (TEST_DATABASE_URL_ENV, TEST_KAFKA_BOOTSTRAP_ENV)
+    missing = [name for name in wanted if not os.environ.get(name)]
+    if not missing:
+        print(f"using {TEST_DATABASE_URL_ENV} and {TEST_KAFKA_BOOTSTRAP_ENV} from the environment")
+        yield
+        return
+    if docker_engine_available():
+        print("a Docker engine answers: the pytest fixtures will start testcontainers")
+        yield
+        return
+
+    from services.infra.broker import TansuBroker
+    from services.infra.postgres import find_or_start_postgres
+
+    with contextlib.ExitStack() as stack:
+        if TEST_DATABASE_URL_ENV in missing:
+            started = time.monotonic()
+            handle = find_or_start_postgres(WORKDIR)
+            stack.callback(handle.stop)
+            os.environ[TEST_DATABASE_URL_ENV] = handle.url
+            print(
+                f"postgres ({handle.kind}, {time.monotonic() - started:.1f}s): "
+                f"{TEST_DATABASE_URL_ENV}={handle.url}"
+            )
+        if TEST_KAFKA_BOOTSTRAP_ENV in missing:
+            started = time.monotonic()
+            broker = stack.enter_context(TansuBroker(WORKDIR))
+            os.environ[TEST_KAFKA_BOOTSTRAP_ENV] = broker.bootstrap
+            log = broker.log_path.relative_to(ROOT)
+            print(
+                f"tansu ({time.monotonic() - started:.1f}s, log {log}): "
+                f"{TEST_KAFKA_BOOTSTRAP_ENV}={broker.bootstrap}"
+            )
+        try:
+            yield
+        finally:
+            print("stopping the local infrastructure", flush=True)
+
+
+def _has_python(path: Path) -> bool:
+    """mypy refuses (exit 2) a directory argument holding no .py files: skip those."""
+    if path.is_file():
+        return path.suffix == ".py"
+    return path.is_dir() and any(path.rglob("*.py"))
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(pytest_args: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    python = sys.executable
+    mypy_targets = [t for t in MYPY_TARGETS if _has_python(ROOT / t)]
+    results: list[tuple[str, int, float]] = []
+
+    def step(name: str, args: list[str], ok_codes: tuple[int, ...] = (0,)) -> None:
+        header(name)
+        started = time.monotonic()
+        code = run_step(args)
+        failed = code not in ok_codes
+        results.append((name, code if failed else 0, time.monotonic() - started))
+
+    try:
+        step("ruff check .", [python, "-m", "ruff", "check", "."])
+        step(f"mypy {' '.join(mypy_targets)}", [python, "-m", "mypy", *mypy_targets])
+        header("infrastructure")
+        with contextlib.ExitStack() as stack:
+            started = time.monotonic()
+            try:
+                stack.enter_context(infrastructure())
+            except Exception as exc:
+                print(f"cannot provide the test infrastructure: {exc}", file=sys.stderr)
+                results.append(("infrastructure", 1, time.monotonic() - started))
+            else:
+                name = " ".join(["pytest", *pytest_args])
+                step(name, [python, "-m", "pytest", *pytest_args])
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+    header("summary")
+    for name, code, seconds in results:
+        verdict = "ok" if code == 0 else f"FAILED (exit code {code})"
+        if name.startswith("pytest") and code == PYTEST_NO_TESTS_COLLECTED:
+            verdict += ": no tests collected"
+        print(f"  {verdict:<34} {seconds:6.1f}s  {name}")
+    failed = [name for name, code, _ in results if code != 0]
+    print("all steps passed" if not failed else f"{len(failed)} step(s) failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,56 @@
+"""The `quota` command."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from services.logs import configure_logging
+from services.settings import Settings
+
+app = typer.Typer(help="Event-sourced quota and permission service.", no_args_is_help=True)
+
+Host = Annotated[str, typer.Option(help="Address to listen on.")]
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database at QUOTA_DATABASE_URL to the newest schema."""
+    from services.migrate import upgrade
+
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    upgrade(settings.database_url)
+    typer.echo("database is at the newest schema")
+
+
+@app.command()
+def ledger(
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+) -> None:
+    """Consume the event topic into PostgreSQL and serve the ledger API."""
+    from services.ledger.app import create_app
+
+    settings = Settings()
+    settings.check_secrets()
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+
+
+@app.command()
+def dev(
+    host: Host = "127.0.0.1",
+    ledger_port: Annotated[int, typer.Option(help="Ledger port.")] = 8080,
+    policy_port: Annotated[int, typer.Option(help="Policy port.")] = 8081,
+) -> None:
+    """Everything on one machine: embedded PostgreSQL and broker, migrations, demo data."""
+    from services.dev import run_dev
+
+    run_dev(host=host, ledger_port=ledger_port, policy_port=policy_port)
+
+
+def main() -> None:
+    app()

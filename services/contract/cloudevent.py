@@ -1,0 +1,171 @@
+"""Reading CloudEvents (Kafka structured and binary mode, or JSON over HTTP) into typed events.
+
+Parsing is the CloudEvents SDK's; this module only maps its failures onto our quarantine
+reasons and checks what the SDK cannot know: the type, the subject and the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from cloudevents.core.base import BaseCloudEvent
+from cloudevents.core.bindings.kafka import KafkaMessage, from_binary, from_structured
+from cloudevents.core.exceptions import BaseCloudEventException
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+from pydantic import ValidationError
+
+from services.contract.events import CATALOG_EVENTS, CATALOG_SUBJECT, EVENT_TYPES, Event
+
+_FORMAT: Final = JSONFormat()
+
+INVALID_JSON: Final = "invalid_json"
+NOT_CLOUDEVENT: Final = "not_cloudevent"
+UNKNOWN_TYPE: Final = "unknown_type"
+BAD_DATA: Final = "bad_data"
+ID_CONFLICT: Final = "id_conflict"
+
+MAX_SUBJECT_CHARS: Final = 256
+
+
+class Rejection(Exception):
+    """An event that cannot be applied; `code` is one of the stable reasons above."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+    @property
+    def reason(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one serialisation that is hashed: sorted keys, no spaces, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 in UTC with a `Z`, the form stored and hashed."""
+    text = value.astimezone(UTC).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def event_content(event: Event) -> dict[str, Any]:
+    """The attributes that identify an event's content (what a reused id is compared on)."""
+    return {
+        "id": event.id,
+        "source": event.source,
+        "type": event.type,
+        "subject": event.subject,
+        "time": format_time(event.time) if event.time is not None else None,
+        "data": event.raw_data,
+    }
+
+
+def content_hash(event: Event) -> str:
+    return hashlib.sha256(canonical_json(event_content(event))).hexdigest()
+
+
+def decode_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> Event:
+    """Decode one Kafka record, structured or binary mode; raise `Rejection` when it can't be."""
+    header_map = {name: raw for name, raw in headers}
+    binary = any(name.lower().startswith("ce_") for name in header_map)
+    if value is None and not binary:
+        raise Rejection(NOT_CLOUDEVENT, "empty record value")
+    try:
+        if binary:
+            cloud_event = from_binary(KafkaMessage(header_map, None, value or b""), _FORMAT)
+        else:
+            # Key is left out: the SDK would rebuild the event to add it as `partitionkey`.
+            cloud_event = from_structured(
+                KafkaMessage(header_map, None, value or b""), _FORMAT, CloudEvent
+            )
+    except UnicodeDecodeError as exc:
+        raise Rejection(INVALID_JSON, f"not UTF-8: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise Rejection(INVALID_JSON, str(exc)) from exc
+    except (BaseCloudEventException, ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise Rejection(NOT_CLOUDEVENT, _describe(exc)) from exc
+    data = cloud_event.get_data()
+    if binary and isinstance(data, str | bytes) and _is_json(cloud_event):
+        raise Rejection(INVALID_JSON, "binary-mode data is not valid JSON")
+    return to_event(cloud_event)
+
+
+def decode_http_object(obj: Any) -> Event:
+    """Decode one event given as a parsed JSON value (`POST /events`)."""
+    if not isinstance(obj, Mapping):
+        raise Rejection(NOT_CLOUDEVENT, "an event must be a JSON object")
+    try:
+        cloud_event = _FORMAT.read(CloudEvent, json.dumps(obj))
+    except (BaseCloudEventException, ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise Rejection(NOT_CLOUDEVENT, _describe(exc)) from exc
+    return to_event(cloud_event)
+
+
+def to_event(cloud_event: BaseCloudEvent) -> Event:
+    """Check type, subject and data of an SDK event and build our typed `Event`."""
+    event_type = cloud_event.get_type()
+    model = EVENT_TYPES.get(event_type)
+    if model is None:
+        raise Rejection(UNKNOWN_TYPE, f"unknown event type {event_type!r}")
+    time = cloud_event.get_time()
+    if time is not None and time.tzinfo is None:
+        raise Rejection(NOT_CLOUDEVENT, "time must be RFC 3339 with a UTC offset")
+    subject = cloud_event.get_subject()
+    if not subject or len(subject) > MAX_SUBJECT_CHARS:
+        raise Rejection(BAD_DATA, f"subject must be 1..{MAX_SUBJECT_CHARS} characters")
+    if (event_type in CATALOG_EVENTS) != (subject == CATALOG_SUBJECT):
+        expected = f"'{CATALOG_SUBJECT}'" if event_type in CATALOG_EVENTS else "an account id"
+        raise Rejection(BAD_DATA, f"subject of {event_type} must be {expected}")
+    raw_data = cloud_event.get_data()
+    if raw_data is None:
+        raw_data = {}
+    if not isinstance(raw_data, dict):
+        raise Rejection(BAD_DATA, "data must be a JSON object")
+    try:
+        data = model.model_validate(raw_data)
+    except ValidationError as exc:
+        raise Rejection(BAD_DATA, _describe_validation(exc)) from exc
+    return Event(
+        id=cloud_event.get_id(),
+        source=cloud_event.get_source(),
+        type=event_type,
+        subject=subject,
+        time=time,
+        data=data,
+        raw_data=raw_data,
+    )
+
+
+def encode_structured(event: Event) -> bytes:
+    """The structured-mode JSON we publish for an event accepted over HTTP."""
+    body: dict[str, Any] = {"specversion": "1.0", "datacontenttype": "application/json"}
+    body.update(event_content(event))
+    if body["time"] is None:
+        del body["time"]
+    return canonical_json(body)
+
+
+def _is_json(cloud_event: BaseCloudEvent) -> bool:
+    content_type = cloud_event.get_datacontenttype() or "application/json"
+    return JSONFormat.JSON_CONTENT_TYPE_PATTERN.match(content_type) is not None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:500]
+
+
+def _describe_validation(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        location = ".".join(str(item) for item in error["loc"]) or "data"
+        parts.append(f"data.{location}: {error['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,194 @@
+"""The Kafka edge of the ledger: poll a batch, apply it in one transaction, repeat.
+
+Offsets live in PostgreSQL beside the state (auto-commit is off). On assignment the consumer
+claims its partitions in the database, which fences any previous owner, and seeks to the
+stored offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+
+from services.ledger import ingest, metrics
+from services.ledger import repository as repo
+from services.settings import Settings
+
+log = structlog.get_logger("quota.ledger.consumer")
+
+RETRY_DELAY_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class Owned:
+    """A partition this consumer owns: the epoch it claimed and the next offset to apply."""
+
+    epoch: int
+    next_offset: int
+
+
+class LedgerConsumer:
+    """Folds `settings.topic` into PostgreSQL; several of them share the topic as one group."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.owner = f"ledger-{uuid.uuid4()}"
+        self.owned: dict[TopicPartition, Owned] = {}
+        self.position = 0
+        self.started = asyncio.Event()
+        self._batch_lock = asyncio.Lock()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stopping = False
+
+    async def run(self) -> None:
+        """Consume until `stop()`; transient failures are retried, never fatal."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=self.settings.consumer_group,
+            client_id=self.owner,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=32 * 1024 * 1024,
+        )
+        self._consumer = consumer
+        consumer.subscribe([self.settings.topic], listener=_Rebalance(self))
+        await consumer.start()
+        async with self.pool.acquire() as conn:
+            self.position = (await repo.read_head(conn)).position
+        self.started.set()
+        log.info("consumer started", topic=self.settings.topic, owner=self.owner)
+        try:
+            while not self._stopping:
+                batches = await consumer.getmany(
+                    timeout_ms=self.settings.batch_timeout_ms,
+                    max_records=self.settings.batch_max_records,
+                )
+                if not batches:
+                    continue
+                async with self._batch_lock:
+                    await self._process(consumer, batches)
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def stop(self) -> None:
+        self._stopping = True
+
+    async def _process(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        records: list[ingest.Incoming] = []
+        offsets: dict[tuple[str, int], tuple[int, int]] = {}
+        for tp, messages in batches.items():
+            owned = self.owned.get(tp)
+            if owned is None:
+                continue  # revoked (or fenced) while this batch was in flight
+            fresh = [m for m in messages if m.offset >= owned.next_offset]
+            if not fresh:
+                continue
+            for message in fresh:
+                records.append(
+                    ingest.Incoming(
+                        tp.topic,
+                        tp.partition,
+                        message.offset,
+                        tuple(message.headers or ()),
+                        message.value,
+                    )
+                )
+            offsets[(tp.topic, tp.partition)] = (fresh[-1].offset + 1, owned.epoch)
+        if not records:
+            return
+        started = time.perf_counter()
+        decoded = ingest.decode_all(records)
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                result = await ingest.apply_batch(
+                    conn, decoded, offsets, self.settings.consumer_group
+                )
+        except repo.OffsetFenced as exc:
+            log.warning("offset commit fenced; dropping stale partitions", error=str(exc))
+            await self._resync(consumer, self.owned)
+            return
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            log.error("batch failed; will retry from stored offsets", error=str(exc))
+            metrics.BATCH_FAILURES.inc()
+            await asyncio.sleep(RETRY_DELAY_SECONDS)
+            await self._resync(consumer, self.owned)
+            return
+        for (topic, partition), (next_offset, _) in offsets.items():
+            self.owned[TopicPartition(topic, partition)].next_offset = next_offset
+        self.position = result.position
+        metrics.record_batch(result, len(records), time.perf_counter() - started)
+
+    async def _resync(
+        self, consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]
+    ) -> None:
+        """Re-read ownership and offsets from the database and seek to them."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT topic, partition, next_offset, epoch, owner FROM consumer_offsets
+                WHERE group_id = $1
+                """,
+                self.settings.consumer_group,
+            )
+        current = {TopicPartition(r["topic"], r["partition"]): r for r in rows}
+        for tp in list(partitions):
+            row = current.get(tp)
+            owned = self.owned.get(tp)
+            if row is None or owned is None or row["epoch"] != owned.epoch:
+                self.owned.pop(tp, None)
+                continue
+            owned.next_offset = max(row["next_offset"], 0)
+            await _seek(consumer, tp, row["next_offset"])
+
+    async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        by_topic: dict[str, list[int]] = {}
+        for tp in assigned:
+            by_topic.setdefault(tp.topic, []).append(tp.partition)
+        async with self._batch_lock, self.pool.acquire() as conn:
+            for topic, partitions in by_topic.items():
+                claims = await repo.claim_partitions(
+                    conn, self.settings.consumer_group, topic, partitions, self.owner
+                )
+                for partition, claim in claims.items():
+                    tp = TopicPartition(topic, partition)
+                    self.owned[tp] = Owned(claim.epoch, claim.next_offset or 0)
+                    await _seek(consumer, tp, claim.next_offset)
+        log.info("partitions assigned", partitions=sorted(str(tp) for tp in assigned))
+
+    async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        async with self._batch_lock:
+            for tp in revoked:
+                self.owned.pop(tp, None)
+        log.info("partitions revoked", partitions=sorted(str(tp) for tp in revoked))
+
+
+async def _seek(consumer: AIOKafkaConsumer, tp: TopicPartition, next_offset: int | None) -> None:
+    if next_offset is None or next_offset < 0:
+        await consumer.seek_to_beginning(tp)
+    else:
+        consumer.seek(tp, next_offset)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, ledger: LedgerConsumer) -> None:
+        self.ledger = ledger
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.ledger.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.ledger.on_assigned(assigned)

@@ -1,0 +1,338 @@
+"""The fold: events in, projections out, as a pure function over plain data.
+
+`fold(state, events)` never touches its input: it copies the tables it is given (rows are
+frozen) and returns the new state, which events were applied, which were rejected and why,
+and which rows changed. The ledger runs it on the rows a batch touches; replay and verify run
+it over the whole history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Final
+
+from services.contract import events as ev
+from services.contract.events import INT64_MAX, Event
+
+ACTIVE: Final = "active"
+SUSPENDED: Final = "suspended"
+BLACKLISTED: Final = "blacklisted"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    account_id: str
+    balance: int = 0
+    held: int = 0
+    status: str = ACTIVE
+    role: str = "user"
+    group: str = "default"
+    position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    token_id: str
+    account_id: str
+    key_sha256: str
+    key_last6: str
+    expires_at: datetime | None
+    allowed_cidrs: tuple[str, ...]
+    allowed_models: tuple[str, ...]
+    revoked: bool
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    channel_id: int
+    models: tuple[str, ...]
+    groups: tuple[str, ...]
+    enabled: bool
+    rate_limited_until: datetime | None
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    model: str
+    kind: str
+    limits: dict[str, Any]
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    route: str
+    min_role: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    account_id: str
+    model: str
+    requests: int
+    window_seconds: int
+    position: int
+
+
+@dataclass(slots=True)
+class State:
+    """The projections, or the part of them a batch needs. Keys are the tables' primary keys."""
+
+    accounts: dict[str, Account] = field(default_factory=dict)
+    tokens: dict[str, Token] = field(default_factory=dict)
+    channels: dict[int, Channel] = field(default_factory=dict)
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    routes: dict[str, RoutePolicy] = field(default_factory=dict)
+    rate_limits: dict[tuple[str, str], RateLimit] = field(default_factory=dict)
+    #: key_sha256 -> token_id for every known token (revoked ones too: a key is never reused).
+    token_keys: dict[str, str] = field(default_factory=dict)
+
+    def copy(self) -> State:
+        return State(
+            accounts=dict(self.accounts),
+            tokens=dict(self.tokens),
+            channels=dict(self.channels),
+            models=dict(self.models),
+            routes=dict(self.routes),
+            rate_limits=dict(self.rate_limits),
+            token_keys=dict(self.token_keys),
+        )
+
+
+@dataclass(slots=True)
+class Changes:
+    """Primary keys of the rows a fold wrote; `rate_limits` includes removed ones."""
+
+    accounts: set[str] = field(default_factory=set)
+    tokens: set[str] = field(default_factory=set)
+    channels: set[int] = field(default_factory=set)
+    models: set[str] = field(default_factory=set)
+    routes: set[str] = field(default_factory=set)
+    rate_limits: set[tuple[str, str]] = field(default_factory=set)
+
+    @property
+    def catalog(self) -> bool:
+        return bool(self.channels or self.models or self.routes)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    position: int
+    event: Event
+    balance_delta: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    event: Event
+    reason: str
+
+
+@dataclass(slots=True)
+class FoldResult:
+    state: State
+    applied: list[Applied]
+    rejected: list[Rejected]
+    changes: Changes
+
+
+class FoldError(Exception):
+    """The event is well-formed but cannot be applied to this state (e.g. an unknown token)."""
+
+
+def fold(state: State, events: Iterable[Event], first_position: int) -> FoldResult:
+    """Apply `events` in order to a copy of `state`.
+
+    Applied events get consecutive positions from `first_position`; rejected ones get none,
+    so positions stay gap-free.
+    """
+    new_state = state.copy()
+    changes = Changes()
+    applied: list[Applied] = []
+    rejected: list[Rejected] = []
+    position = first_position
+    for event in events:
+        try:
+            delta = apply_event(new_state, changes, event, position)
+        except FoldError as exc:
+            rejected.append(Rejected(event, str(exc)))
+            continue
+        applied.append(Applied(position, event, delta))
+        position += 1
+    return FoldResult(new_state, applied, rejected, changes)
+
+
+def balance_delta(event: Event) -> int | None:
+    """How an event moves its account's balance, or None when it does not touch it."""
+    data = event.data
+    match data:
+        case ev.AccountRecharged() | ev.AccountRefunded():
+            return data.amount
+        case ev.AccountUsageRecorded():
+            return -data.amount
+        case ev.AccountAdjusted():
+            return data.delta
+        case _:
+            return None
+
+
+def apply_event(state: State, changes: Changes, event: Event, position: int) -> int | None:
+    """Apply one event in place on a working state; raise `FoldError` to reject it.
+
+    The state is only changed once every check has passed, so a rejected event leaves no trace.
+    """
+    if event.type in ev.CATALOG_EVENTS:
+        _apply_catalog(state, changes, event, position)
+        return None
+    account = state.accounts.get(event.subject) or Account(account_id=event.subject)
+    delta = balance_delta(event)
+    account = _apply_account(state, changes, account, event, delta, position)
+    state.accounts[account.account_id] = replace(account, position=position)
+    changes.accounts.add(account.account_id)
+    return delta
+
+
+def _apply_account(
+    state: State,
+    changes: Changes,
+    account: Account,
+    event: Event,
+    delta: int | None,
+    position: int,
+) -> Account:
+    data = event.data
+    if delta is not None:
+        balance = account.balance + delta
+        if not -INT64_MAX <= balance <= INT64_MAX:
+            raise FoldError(f"balance of {account.account_id} would leave the int64 range")
+        return replace(account, balance=balance)
+    match event.type, data:
+        case "quota.account.opened", ev.AccountOpened():
+            role = data.role if "role" in event.raw_data else account.role
+            group = data.group if "group" in event.raw_data else account.group
+            return replace(account, role=role, group=group)
+        case "quota.account.suspended", _:
+            return replace(account, status=SUSPENDED)
+        case "quota.account.blacklisted", _:
+            return replace(account, status=BLACKLISTED)
+        case "quota.account.reinstated", _:
+            return replace(account, status=ACTIVE)
+        case _, ev.AccountRoleChanged():
+            return replace(account, role=data.role)
+        case _, ev.AccountGroupChanged():
+            return replace(account, group=data.group)
+        case _, ev.AccountRateLimitSet():
+            key = (account.account_id, data.model)
+            if data.requests == 0:
+                state.rate_limits.pop(key, None)
+            else:
+                state.rate_limits[key] = RateLimit(
+                    account.account_id, data.model, data.requests, data.window_seconds, position
+                )
+            changes.rate_limits.add(key)
+            return account
+        case _, ev.TokenIssued():
+            _issue_token(state, account, data, position)
+            changes.tokens.add(data.token_id)
+            return account
+        case _, ev.TokenUpdated():
+            token = _owned_token(state, account, data.token_id)
+            raw = event.raw_data
+            token = replace(
+                token,
+                expires_at=data.expires_at if "expires_at" in raw else token.expires_at,
+                allowed_cidrs=tuple(data.allowed_cidrs)
+                if data.allowed_cidrs is not None
+                else token.allowed_cidrs,
+                allowed_models=tuple(data.allowed_models)
+                if data.allowed_models is not None
+                else token.allowed_models,
+                position=position,
+            )
+            state.tokens[token.token_id] = token
+            changes.tokens.add(token.token_id)
+            return account
+        case _, ev.TokenRevoked():
+            token = _owned_token(state, account, data.token_id)
+            state.tokens[token.token_id] = replace(token, revoked=True, position=position)
+            changes.tokens.add(token.token_id)
+            return account
+        case _:
+            raise FoldError(f"event type {event.type} has no account fold")
+
+
+def _issue_token(state: State, account: Account, data: ev.TokenIssued, position: int) -> None:
+    key = data.key_sha256.lower()
+    if data.token_id in state.tokens:
+        raise FoldError(f"token {data.token_id} is already issued")
+    if key in state.token_keys:
+        raise FoldError("key_sha256 is already used by another token")
+    state.tokens[data.token_id] = Token(
+        token_id=data.token_id,
+        account_id=account.account_id,
+        key_sha256=key,
+        key_last6=data.key_last6,
+        expires_at=data.expires_at,
+        allowed_cidrs=tuple(data.allowed_cidrs),
+        allowed_models=tuple(data.allowed_models),
+        revoked=False,
+        position=position,
+    )
+    state.token_keys[key] = data.token_id
+
+
+def _owned_token(state: State, account: Account, token_id: str) -> Token:
+    token = state.tokens.get(token_id)
+    if token is None or token.account_id != account.account_id:
+        raise FoldError(f"token {token_id} is not a token of {account.account_id}")
+    return token
+
+
+def _apply_catalog(state: State, changes: Changes, event: Event, position: int) -> None:
+    data = event.data
+    match event.type, data:
+        case _, ev.ChannelRegistered():
+            old = state.channels.get(data.channel_id)
+            state.channels[data.channel_id] = Channel(
+                channel_id=data.channel_id,
+                models=tuple(data.models),
+                groups=tuple(data.groups),
+                enabled=old.enabled if old else True,
+                rate_limited_until=old.rate_limited_until if old else None,
+                position=position,
+            )
+            changes.channels.add(data.channel_id)
+        case "quota.channel.disabled" | "quota.channel.enabled", ev.ChannelRef():
+            channel = _known_channel(state, data.channel_id)
+            enabled = event.type == "quota.channel.enabled"
+            state.channels[channel.channel_id] = replace(
+                channel, enabled=enabled, position=position
+            )
+            changes.channels.add(channel.channel_id)
+        case _, ev.ChannelProviderRateLimited():
+            channel = _known_channel(state, data.channel_id)
+            state.channels[channel.channel_id] = replace(
+                channel, rate_limited_until=data.until, position=position
+            )
+            changes.channels.add(channel.channel_id)
+        case _, ev.ModelRegistered():
+            limits = data.limits.model_dump(exclude_none=True)
+            state.models[data.model] = ModelSpec(data.model, data.kind, limits, position)
+            changes.models.add(data.model)
+        case _, ev.RoutePolicySet():
+            state.routes[data.route] = RoutePolicy(data.route, data.min_role, position)
+            changes.routes.add(data.route)
+        case _:
+            raise FoldError(f"event type {event.type} has no catalog fold")
+
+
+def _known_channel(state: State, channel_id: int) -> Channel:
+    channel = state.channels.get(channel_id)
+    if channel is None:
+        raise FoldError(f"channel {channel_id} is not registered")
+    return channel

@@ -1,0 +1,219 @@
+"""One Kafka batch in, one PostgreSQL transaction out: events, projections and offsets together.
+
+Decoding happens before the transaction opens; everything that must be atomic happens inside
+it. Exactly-once comes from three things at once: the offsets commit with the state, the
+offset write is fenced by the partition's epoch, and an event id is stored at most once.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import asyncpg
+
+from services.contract.cloudevent import (
+    ID_CONFLICT,
+    Rejection,
+    canonical_json,
+    decode_kafka,
+    event_content,
+)
+from services.contract.events import ACCOUNT_EVENTS, Event
+from services.ledger import repository as repo
+from services.ledger.chain import chain_hash, payload_hash
+from services.ledger.fold import Changes, fold
+
+#: NOTIFY payloads are limited to 8000 bytes; past this many keys we say "reload everything".
+NOTIFY_MAX_KEYS: Final = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One Kafka record, as the ledger received it."""
+
+    topic: str
+    partition: int
+    offset: int
+    headers: tuple[tuple[str, bytes], ...]
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    record: Incoming
+    event: Event | None
+    rejection: Rejection | None
+
+
+@dataclass(slots=True)
+class BatchResult:
+    applied: int = 0
+    duplicates: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    position: int = 0
+    changes: Changes = field(default_factory=Changes)
+
+
+def decode_all(records: Sequence[Incoming]) -> list[Decoded]:
+    """Decode a batch outside the transaction; failures become rejections, never exceptions."""
+    decoded = []
+    for record in records:
+        try:
+            decoded.append(Decoded(record, decode_kafka(record.headers, record.value), None))
+        except Rejection as rejection:
+            decoded.append(Decoded(record, None, rejection))
+    return decoded
+
+
+async def apply_batch(
+    conn: asyncpg.Connection,
+    decoded: Sequence[Decoded],
+    commit_offsets: Mapping[tuple[str, int], tuple[int, int]],
+    group_id: str,
+) -> BatchResult:
+    """Apply a decoded batch in the caller's transaction.
+
+    `commit_offsets` maps (topic, partition) to (next offset, epoch); it is written with a
+    compare-and-set and raises `OffsetFenced` if another consumer owns a partition now.
+    """
+    received_at = datetime.now(UTC)
+    result = BatchResult()
+    head = await repo.lock_head(conn)
+    quarantined: list[repo.Quarantined] = []
+
+    def reject(item: Decoded, rejection: Rejection) -> None:
+        result.quarantined[rejection.code] = result.quarantined.get(rejection.code, 0) + 1
+        quarantined.append(_quarantined(item, rejection, received_at))
+
+    candidates = [item for item in decoded if item.event is not None]
+    stored = await repo.stored_content_hashes(
+        conn, [item.event.id for item in candidates if item.event]
+    )
+    seen: dict[str, str] = dict(stored)
+    to_fold: list[tuple[Decoded, Event, bytes, str]] = []
+    for item in decoded:
+        if item.rejection is not None:
+            reject(item, item.rejection)
+            continue
+        event = item.event
+        assert event is not None
+        payload = canonical_json(event_content(event))
+        digest = payload_hash(payload)
+        known = seen.get(event.id)
+        if known == digest:
+            result.duplicates += 1
+            continue
+        if known is not None:
+            reject(item, Rejection(ID_CONFLICT, f"event id {event.id} was used with other content"))
+            continue
+        seen[event.id] = digest
+        to_fold.append((item, event, payload, digest))
+
+    state = await repo.load_state(conn, _keys([event for _, event, _, _ in to_fold]))
+    outcome = fold(state, (event for _, event, _, _ in to_fold), head.position + 1)
+    by_event = {id(event): (item, payload, digest) for item, event, payload, digest in to_fold}
+    for rejected in outcome.rejected:
+        item, _, _ = by_event[id(rejected.event)]
+        reject(item, Rejection("bad_data", rejected.reason))
+
+    records: list[repo.EventTuple] = []
+    prev = head.hash
+    for applied in outcome.applied:
+        item, payload, digest = by_event[id(applied.event)]
+        event = applied.event
+        current = chain_hash(prev, applied.position, digest)
+        records.append(
+            (
+                applied.position,
+                event.id,
+                event.type,
+                event.source,
+                event.subject,
+                event.time or received_at,
+                received_at,
+                applied.balance_delta,
+                payload.decode(),
+                digest,
+                prev,
+                current,
+                item.record.topic,
+                item.record.partition,
+                item.record.offset,
+            )
+        )
+        prev = current
+
+    await repo.append_events(conn, records)
+    await repo.write_changes(conn, outcome.state, outcome.changes)
+    await repo.quarantine(conn, quarantined)
+    position = head.position + len(records)
+    await repo.write_head(conn, repo.Head(position, prev, head.duplicates + result.duplicates))
+    by_topic: dict[str, dict[int, tuple[int, int]]] = {}
+    for (topic, partition), value in commit_offsets.items():
+        by_topic.setdefault(topic, {})[partition] = value
+    for topic, offsets in by_topic.items():
+        await repo.commit_offsets(conn, group_id, topic, offsets)
+    if records:
+        await repo.notify_changes(conn, notify_payload(position, outcome.changes))
+    result.applied = len(records)
+    result.position = position
+    result.changes = outcome.changes
+    return result
+
+
+def notify_payload(position: int, changes: Changes) -> dict[str, Any]:
+    """What changed, small enough for NOTIFY; `all` asks listeners for a full reload."""
+    keys = len(changes.accounts) + len(changes.tokens) + len(changes.rate_limits)
+    if keys > NOTIFY_MAX_KEYS:
+        return {"position": position, "all": True}
+    return {
+        "position": position,
+        "accounts": sorted(changes.accounts),
+        "tokens": sorted(changes.tokens),
+        "rate_limits": sorted([list(key) for key in changes.rate_limits]),
+        "catalog": changes.catalog,
+    }
+
+
+def _keys(events: Sequence[Event]) -> repo.StateKeys:
+    keys = repo.StateKeys(set(), set(), set(), set(), set())
+    for event in events:
+        data: Any = event.data
+        if event.type in ACCOUNT_EVENTS:
+            keys.accounts.add(event.subject)
+        token_id = getattr(data, "token_id", None)
+        if isinstance(token_id, str) and event.type.startswith("quota.token."):
+            keys.tokens.add(token_id)
+        key_sha256 = getattr(data, "key_sha256", None)
+        if isinstance(key_sha256, str):
+            keys.token_keys.add(key_sha256.lower())
+        channel_id = getattr(data, "channel_id", None)
+        if isinstance(channel_id, int):
+            keys.channels.add(channel_id)
+    return keys
+
+
+def _quarantined(item: Decoded, rejection: Rejection, received_at: datetime) -> repo.Quarantined:
+    record = item.record
+    return repo.Quarantined(
+        reason=rejection.reason,
+        code=rejection.code,
+        event_id=item.event.id if item.event is not None else None,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        raw=record.value,
+        headers=[[name, _header_text(value)] for name, value in record.headers],
+        received_at=received_at,
+    )
+
+
+def _header_text(value: bytes) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(value).decode()

@@ -1,0 +1,38 @@
+"""Prometheus metrics of the ledger."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from services.ledger.ingest import BatchResult
+
+EVENTS_APPLIED = Counter("quota_ledger_events_applied_total", "Events folded into the projections")
+EVENTS_DUPLICATE = Counter(
+    "quota_ledger_events_duplicate_total", "Events skipped because their id was already applied"
+)
+EVENTS_QUARANTINED = Counter(
+    "quota_ledger_events_quarantined_total", "Events quarantined instead of applied", ["code"]
+)
+RECORDS_CONSUMED = Counter("quota_ledger_records_consumed_total", "Kafka records processed")
+BATCH_FAILURES = Counter(
+    "quota_ledger_batch_failures_total", "Batches rolled back and retried after an error"
+)
+BATCH_SECONDS = Histogram(
+    "quota_ledger_batch_seconds",
+    "Time to decode and commit one batch",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+POSITION = Gauge("quota_ledger_position", "Last position committed by this process")
+
+
+def record_batch(result: BatchResult, records: int, seconds: float) -> None:
+    EVENTS_APPLIED.inc(result.applied)
+    EVENTS_DUPLICATE.inc(result.duplicates)
+    for code, count in result.quarantined.items():
+        EVENTS_QUARANTINED.labels(code=code).inc(count)
+    RECORDS_CONSUMED.inc(records)
+    BATCH_SECONDS.observe(seconds)
+    POSITION.set(result.position)

@@ -1,0 +1,481 @@
+"""All of the ledger's SQL. Functions take a connection; the caller owns the transaction."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+
+from services.ledger.fold import (
+    Account,
+    Changes,
+    Channel,
+    ModelSpec,
+    RateLimit,
+    RoutePolicy,
+    State,
+    Token,
+)
+
+CHANGES_CHANNEL: Final = "quota_changes"
+
+
+class OffsetFenced(Exception):
+    """Another consumer has claimed a partition since we did: our batch must not commit."""
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Codec setup for every pooled connection."""
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=init_connection
+    )
+    assert pool is not None
+    return pool
+
+
+# --- head, event store ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    position: int
+    hash: str
+    duplicates: int
+
+
+async def lock_head(conn: asyncpg.Connection) -> Head:
+    row = await conn.fetchrow(
+        "SELECT position, hash, duplicates FROM ledger_head WHERE id = 1 FOR UPDATE"
+    )
+    return Head(row["position"], row["hash"], row["duplicates"])
+
+
+async def read_head(conn: asyncpg.Connection) -> Head:
+    row = await conn.fetchrow("SELECT position, hash, duplicates FROM ledger_head WHERE id = 1")
+    return Head(row["position"], row["hash"], row["duplicates"])
+
+
+async def write_head(conn: asyncpg.Connection, head: Head) -> None:
+    await conn.execute(
+        "UPDATE ledger_head SET position = $1, hash = $2, duplicates = $3 WHERE id = 1",
+        head.position,
+        head.hash,
+        head.duplicates,
+    )
+
+
+async def stored_content_hashes(
+    conn: asyncpg.Connection, event_ids: Sequence[str]
+) -> dict[str, str]:
+    rows = await conn.fetch(
+        "SELECT event_id, content_hash FROM event_store WHERE event_id = ANY($1::text[])",
+        list(event_ids),
+    )
+    return {row["event_id"]: row["content_hash"] for row in rows}
+
+
+EVENT_COLUMNS: Final = (
+    "position",
+    "event_id",
+    "type",
+    "source",
+    "subject",
+    "time",
+    "recorded_at",
+    "balance_delta",
+    "payload",
+    "content_hash",
+    "prev_hash",
+    "hash",
+    "topic",
+    "partition",
+    "kafka_offset",
+)
+
+EventTuple = tuple[
+    int, str, str, str, str, datetime, datetime, int | None, str, str, str, str,
+    str | None, int | None, int | None,
+]  # fmt: skip
+
+
+async def append_events(conn: asyncpg.Connection, records: Sequence[EventTuple]) -> None:
+    if records:
+        await conn.copy_records_to_table("event_store", records=records, columns=EVENT_COLUMNS)
+
+
+# --- quarantine ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    reason: str
+    code: str
+    event_id: str | None
+    topic: str
+    partition: int
+    offset: int
+    raw: bytes | None
+    headers: list[list[str]]
+    received_at: datetime
+
+
+async def quarantine(conn: asyncpg.Connection, items: Sequence[Quarantined]) -> None:
+    if not items:
+        return
+    await conn.executemany(
+        """
+        INSERT INTO rejected_events
+            (reason, code, event_id, topic, partition, kafka_offset, raw, headers, received_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        ON CONFLICT (topic, partition, kafka_offset) DO NOTHING
+        """,
+        [
+            (
+                q.reason,
+                q.code,
+                q.event_id,
+                q.topic,
+                q.partition,
+                q.offset,
+                q.raw,
+                q.headers,
+                q.received_at,
+            )
+            for q in items
+        ],
+    )
+
+
+async def list_rejected(
+    conn: asyncpg.Connection, limit: int, after_id: int = 0
+) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        SELECT id, reason, code, event_id, topic, partition, kafka_offset, raw, headers,
+               received_at
+        FROM rejected_events WHERE id > $1 ORDER BY id LIMIT $2
+        """,
+        after_id,
+        limit,
+    )
+    return rows
+
+
+# --- projections -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StateKeys:
+    """Which projection rows a batch may touch."""
+
+    accounts: set[str]
+    tokens: set[str]
+    token_keys: set[str]
+    channels: set[int]
+    rate_limits: set[tuple[str, str]]
+
+
+async def load_state(conn: asyncpg.Connection, keys: StateKeys) -> State:
+    """Load (and lock, for accounts) the rows a batch may touch."""
+    state = State()
+    if keys.accounts:
+        for row in await conn.fetch(
+            """
+            SELECT account_id, balance, held, status, role, group_name, position
+            FROM accounts WHERE account_id = ANY($1::text[]) ORDER BY account_id FOR UPDATE
+            """,
+            list(keys.accounts),
+        ):
+            state.accounts[row["account_id"]] = _account(row)
+    if keys.tokens or keys.token_keys:
+        for row in await conn.fetch(
+            """
+            SELECT * FROM tokens
+            WHERE token_id = ANY($1::text[]) OR key_sha256 = ANY($2::text[])
+            """,
+            list(keys.tokens),
+            list(keys.token_keys),
+        ):
+            token = _token(row)
+            state.tokens[token.token_id] = token
+            state.token_keys[token.key_sha256] = token.token_id
+    if keys.channels:
+        for row in await conn.fetch(
+            "SELECT * FROM channels WHERE channel_id = ANY($1::bigint[])", list(keys.channels)
+        ):
+            channel = _channel(row)
+            state.channels[channel.channel_id] = channel
+    return state
+
+
+async def load_all(conn: asyncpg.Connection) -> State:
+    """Every projection row, as the fold's state (verify and the policy snapshot use this)."""
+    state = State()
+    for row in await conn.fetch(
+        "SELECT account_id, balance, held, status, role, group_name, position FROM accounts"
+    ):
+        state.accounts[row["account_id"]] = _account(row)
+    for row in await conn.fetch("SELECT * FROM tokens"):
+        token = _token(row)
+        state.tokens[token.token_id] = token
+        state.token_keys[token.key_sha256] = token.token_id
+    for row in await conn.fetch("SELECT * FROM channels"):
+        channel = _channel(row)
+        state.channels[channel.channel_id] = channel
+    for row in await conn.fetch("SELECT * FROM models"):
+        state.models[row["model"]] = ModelSpec(
+            row["model"], row["kind"], row["limits"], row["position"]
+        )
+    for row in await conn.fetch("SELECT * FROM route_policies"):
+        state.routes[row["route"]] = RoutePolicy(row["route"], row["min_role"], row["position"])
+    for row in await conn.fetch("SELECT * FROM rate_limits"):
+        key = (row["account_id"], row["model"])
+        state.rate_limits[key] = RateLimit(
+            row["account_id"],
+            row["model"],
+            row["requests"],
+            row["window_seconds"],
+            row["position"],
+        )
+    return state
+
+
+async def get_account(conn: asyncpg.Connection, account_id: str) -> Account | None:
+    row = await conn.fetchrow(
+        """
+        SELECT account_id, balance, held, status, role, group_name, position
+        FROM accounts WHERE account_id = $1
+        """,
+        account_id,
+    )
+    return _account(row) if row is not None else None
+
+
+async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes) -> None:
+    """Upsert every changed row of `state` (and delete removed rate limits)."""
+    if changes.accounts:
+        rows = [state.accounts[key] for key in sorted(changes.accounts)]
+        await conn.execute(
+            """
+            INSERT INTO accounts (account_id, balance, held, status, role, group_name, position)
+            SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
+                                 $6::text[], $7::bigint[])
+            ON CONFLICT (account_id) DO UPDATE SET
+                balance = EXCLUDED.balance, held = EXCLUDED.held, status = EXCLUDED.status,
+                role = EXCLUDED.role, group_name = EXCLUDED.group_name,
+                position = EXCLUDED.position
+            """,
+            [a.account_id for a in rows],
+            [a.balance for a in rows],
+            [a.held for a in rows],
+            [a.status for a in rows],
+            [a.role for a in rows],
+            [a.group for a in rows],
+            [a.position for a in rows],
+        )
+    if changes.tokens:
+        await conn.executemany(
+            """
+            INSERT INTO tokens (token_id, account_id, key_sha256, key_last6, expires_at,
+                                allowed_cidrs, allowed_models, revoked, position)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            ON CONFLICT (token_id) DO UPDATE SET
+                expires_at = EXCLUDED.expires_at, allowed_cidrs = EXCLUDED.allowed_cidrs,
+                allowed_models = EXCLUDED.allowed_models, revoked = EXCLUDED.revoked,
+                position = EXCLUDED.position
+            """,
+            [_token_tuple(state.tokens[key]) for key in sorted(changes.tokens)],
+        )
+    if changes.channels:
+        await conn.executemany(
+            """
+            INSERT INTO channels (channel_id, models, groups, enabled, rate_limited_until,
+                                  position)
+            VALUES ($1, $2, $3, $4, $5, $6)
+            ON CONFLICT (channel_id) DO UPDATE SET
+                models = EXCLUDED.models, groups = EXCLUDED.groups, enabled = EXCLUDED.enabled,
+                rate_limited_until = EXCLUDED.rate_limited_until, position = EXCLUDED.position
+            """,
+            [
+                (c.channel_id, list(c.models), list(c.groups), c.enabled,
+                 c.rate_limited_until, c.position)
+                for c in (state.channels[key] for key in sorted(changes.channels))
+            ],
+        )  # fmt: skip
+    if changes.models:
+        await conn.executemany(
+            """
+            INSERT INTO models (model, kind, limits, position) VALUES ($1, $2, $3, $4)
+            ON CONFLICT (model) DO UPDATE SET
+                kind = EXCLUDED.kind, limits = EXCLUDED.limits, position = EXCLUDED.position
+            """,
+            [
+                (m.model, m.kind, m.limits, m.position)
+                for m in (state.models[key] for key in sorted(changes.models))
+            ],
+        )
+    if changes.routes:
+        await conn.executemany(
+            """
+            INSERT INTO route_policies (route, min_role, position) VALUES ($1, $2, $3)
+            ON CONFLICT (route) DO UPDATE SET
+                min_role = EXCLUDED.min_role, position = EXCLUDED.position
+            """,
+            [
+                (r.route, r.min_role, r.position)
+                for r in (state.routes[key] for key in sorted(changes.routes))
+            ],
+        )
+    if changes.rate_limits:
+        present = [
+            state.rate_limits[k] for k in sorted(changes.rate_limits) if k in state.rate_limits
+        ]
+        removed = [k for k in sorted(changes.rate_limits) if k not in state.rate_limits]
+        if present:
+            await conn.executemany(
+                """
+                INSERT INTO rate_limits (account_id, model, requests, window_seconds, position)
+                VALUES ($1, $2, $3, $4, $5)
+                ON CONFLICT (account_id, model) DO UPDATE SET
+                    requests = EXCLUDED.requests, window_seconds = EXCLUDED.window_seconds,
+                    position = EXCLUDED.position
+                """,
+                [
+                    (r.account_id, r.model, r.requests, r.window_seconds, r.position)
+                    for r in present
+                ],
+            )
+        if removed:
+            await conn.executemany(
+                "DELETE FROM rate_limits WHERE account_id = $1 AND model = $2", removed
+            )
+
+
+async def notify_changes(conn: asyncpg.Connection, payload: Mapping[str, Any]) -> None:
+    """Tell listeners (the policy service) what a batch changed; delivered at commit."""
+    await conn.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, json.dumps(payload))
+
+
+def _account(row: Mapping[str, Any]) -> Account:
+    return Account(
+        account_id=row["account_id"],
+        balance=row["balance"],
+        held=row["held"],
+        status=row["status"],
+        role=row["role"],
+        group=row["group_name"],
+        position=row["position"],
+    )
+
+
+def _token(row: Mapping[str, Any]) -> Token:
+    return Token(
+        token_id=row["token_id"],
+        account_id=row["account_id"],
+        key_sha256=row["key_sha256"],
+        key_last6=row["key_last6"],
+        expires_at=row["expires_at"],
+        allowed_cidrs=tuple(row["allowed_cidrs"]),
+        allowed_models=tuple(row["allowed_models"]),
+        revoked=row["revoked"],
+        position=row["position"],
+    )
+
+
+def _token_tuple(t: Token) -> tuple[Any, ...]:
+    return (
+        t.token_id,
+        t.account_id,
+        t.key_sha256,
+        t.key_last6,
+        t.expires_at,
+        list(t.allowed_cidrs),
+        list(t.allowed_models),
+        t.revoked,
+        t.position,
+    )
+
+
+def _channel(row: Mapping[str, Any]) -> Channel:
+    return Channel(
+        channel_id=row["channel_id"],
+        models=tuple(row["models"]),
+        groups=tuple(row["groups"]),
+        enabled=row["enabled"],
+        rate_limited_until=row["rate_limited_until"],
+        position=row["position"],
+    )
+
+
+# --- consumer offsets ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    next_offset: int | None
+    epoch: int
+
+
+async def claim_partitions(
+    conn: asyncpg.Connection, group_id: str, topic: str, partitions: Iterable[int], owner: str
+) -> dict[int, Claim]:
+    """Take ownership of partitions: bump each one's epoch, which fences the previous owner."""
+    claims: dict[int, Claim] = {}
+    for partition in sorted(partitions):
+        row = await conn.fetchrow(
+            """
+            INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, epoch, owner,
+                                          updated_at)
+            VALUES ($1, $2, $3, -1, 1, $4, now())
+            ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+                epoch = consumer_offsets.epoch + 1, owner = EXCLUDED.owner, updated_at = now()
+            RETURNING next_offset, epoch
+            """,
+            group_id,
+            topic,
+            partition,
+            owner,
+        )
+        next_offset = row["next_offset"]
+        claims[partition] = Claim(next_offset if next_offset >= 0 else None, row["epoch"])
+    return claims
+
+
+async def commit_offsets(
+    conn: asyncpg.Connection,
+    group_id: str,
+    topic: str,
+    offsets: Mapping[int, tuple[int, int]],
+) -> None:
+    """Compare-and-set each partition's next offset on our epoch; raise if we were fenced."""
+    for partition, (next_offset, epoch) in sorted(offsets.items()):
+        status = await conn.execute(
+            """
+            UPDATE consumer_offsets SET next_offset = $4, updated_at = now()
+            WHERE group_id = $1 AND topic = $2 AND partition = $3 AND epoch = $5
+            """,
+            group_id,
+            topic,
+            partition,
+            next_offset,
+            epoch,
+        )
+        if status != "UPDATE 1":
+            raise OffsetFenced(f"partition {partition} of {topic} was claimed by another consumer")
+
+
+async def stored_offsets(conn: asyncpg.Connection, group_id: str, topic: str) -> dict[int, int]:
+    rows = await conn.fetch(
+        "SELECT partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
+        group_id,
+        topic,
+    )
+    return {row["partition"]: row["next_offset"] for row in rows}

@@ -1,0 +1,51 @@
+"""Configuration: one settings class, read from `QUOTA_*` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_ADMIN_TOKEN = "dev-admin-token"
+
+
+class Settings(BaseSettings):
+    """Every knob of both services; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="QUOTA_", extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/quota"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic: str = "quota.events"
+    topic_partitions: int = Field(default=4, ge=1)
+    consumer_group: str = "quota-ledger"
+    admin_token: str = ""
+    service_token: str = ""
+    redis_url: str = ""
+    batch_max_records: int = Field(default=5000, ge=1)
+    batch_timeout_ms: int = Field(default=200, ge=1)
+    log_level: str = "INFO"
+    log_json: bool = True
+    dev_mode: bool = False
+
+    def check_secrets(self) -> None:
+        """Refuse to run production processes with a missing or default admin secret."""
+        if self.dev_mode:
+            return
+        if not self.admin_token or self.admin_token == DEV_ADMIN_TOKEN:
+            raise SystemExit(
+                "QUOTA_ADMIN_TOKEN must be set to a secret of your own "
+                "(the default is only accepted by `quota dev`)"
+            )
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    """Turn the operator's plain `postgresql://` URL into SQLAlchemy's asyncpg form."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if database_url.startswith(prefix):
+            return "postgresql+asyncpg://" + database_url[len(prefix) :]
+    raise ValueError(f"QUOTA_DATABASE_URL must be a postgresql:// URL, got {database_url!r}")
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """Turn any accepted database URL into the plain form asyncpg takes."""
+    return "postgresql://" + sqlalchemy_url(database_url)[len("postgresql+asyncpg://") :]

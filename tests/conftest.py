@@ -1,0 +1,78 @@
+"""Shared fixtures: a migrated database per test (cloned from a template), a topic per test."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from services.infra.postgres import with_database
+from services.infra.topics import ensure_topic
+from services.ledger import repository as repo
+from services.migrate import upgrade
+from services.settings import Settings
+
+pytest_plugins = ["tests.fixtures.infra"]
+
+ADMIN_TOKEN = "test-admin-token"
+PARTITIONS = 4
+
+
+async def _admin(server_url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def template_database(postgres_server_url: str) -> Iterator[str]:
+    """A database migrated once with Alembic (never `create_all`), cloned by every test."""
+    name = f"quota_tmpl_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_admin(postgres_server_url, f'CREATE DATABASE "{name}"'))
+    upgrade(with_database(postgres_server_url, name))
+    yield name
+    asyncio.run(_admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def database_url(postgres_server_url: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database of this test's own."""
+    name = f"quota_test_{uuid.uuid4().hex[:10]}"
+    await _admin(postgres_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    yield with_database(postgres_server_url, name)
+    await _admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await repo.create_pool(database_url, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def topic(kafka_bootstrap: str) -> str:
+    """A topic of this test's own, with several partitions."""
+    name = f"quota.events.test-{uuid.uuid4().hex[:10]}"
+    await ensure_topic(kafka_bootstrap, name, PARTITIONS)
+    return name
+
+
+@pytest.fixture
+def settings(database_url: str, kafka_bootstrap: str, topic: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        kafka_bootstrap=kafka_bootstrap,
+        topic=topic,
+        topic_partitions=PARTITIONS,
+        consumer_group=f"ledger-{uuid.uuid4().hex[:8]}",
+        admin_token=ADMIN_TOKEN,
+        batch_timeout_ms=50,
+        log_json=True,
+    )
