@@ -123,8 +123,9 @@ quota dev is running (Ctrl-C stops everything)
 
   curl -H 'Authorization: Bearer {settings.admin_token}' {base}/accounts/{DEMO_ACCOUNT}
   curl -H 'Authorization: Bearer {settings.admin_token}' -H 'Content-Type: application/json' \\
-       -d '{{"specversion":"1.0","id":"my-first-recharge","source":"docs","type":"quota.account.recharged","subject":"{DEMO_ACCOUNT}","data":{{"amount":500}}}}' \\
-       {base}/events
+       -d '{{"specversion":"1.0","id":"my-first-recharge","source":"docs",
+            "type":"quota.account.recharged","subject":"{DEMO_ACCOUNT}",
+            "data":{{"amount":500}}}}' {base}/events
 
   demo account {DEMO_ACCOUNT}, token {DEMO_TOKEN_ID}, API key {DEMO_KEY}
 """,

@@ -6,7 +6,6 @@ reasons and checks what the SDK cannot know: the type, the subject and the data.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -66,10 +65,6 @@ def event_content(event: Event) -> dict[str, Any]:
         "time": format_time(event.time) if event.time is not None else None,
         "data": event.raw_data,
     }
-
-
-def content_hash(event: Event) -> str:
-    return hashlib.sha256(canonical_json(event_content(event))).hexdigest()
 
 
 def decode_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> Event:
@@ -166,6 +161,6 @@ def _describe(exc: BaseException) -> str:
 def _describe_validation(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:
-        location = ".".join(str(item) for item in error["loc"]) or "data"
-        parts.append(f"data.{location}: {error['msg']}")
+        location = ".".join(["data", *(str(item) for item in error["loc"])])
+        parts.append(f"{location}: {error['msg']}")
     return "; ".join(parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import subprocess
@@ -195,7 +196,8 @@ class TansuBroker:
                 continue
             # The real check: a metadata round trip that lists the broker we advertised.
             try:
-                metadata = run_blocking(lambda: wait_for_kafka(bootstrap, min(2.0, remaining)))
+                attempt = functools.partial(wait_for_kafka, bootstrap, min(2.0, remaining))
+                metadata = run_blocking(attempt)
             except TimeoutError:
                 continue
             ports = {b.get("port") for b in metadata.get("brokers", []) if isinstance(b, dict)}

@@ -85,7 +85,10 @@ class LedgerConsumer:
         self._stopping = True
 
     async def _process(
-        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        self,
+        consumer: AIOKafkaConsumer,
+        batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+    ) -> None:
         records: list[ingest.Incoming] = []
         offsets: dict[tuple[str, int], tuple[int, int]] = {}
         for tp, messages in batches.items():

@@ -58,6 +58,51 @@ class BatchResult:
     changes: Changes = field(default_factory=Changes)
 
 
+@dataclass(frozen=True, slots=True)
+class Unique:
+    """An event seen for the first time, with its canonical payload and that payload's hash."""
+
+    item: Decoded
+    event: Event
+    payload: bytes
+    digest: str
+
+
+@dataclass(slots=True)
+class Screened:
+    unique: list[Unique] = field(default_factory=list)
+    duplicates: int = 0
+    rejected: list[tuple[Decoded, Rejection]] = field(default_factory=list)
+
+
+def screen(decoded: Sequence[Decoded], stored: Mapping[str, str]) -> Screened:
+    """Split a batch into first-seen events, duplicates and rejections (a pure function).
+
+    `stored` maps already-applied event ids to their content hashes. An id seen again with the
+    same content is a duplicate (a no-op); with other content it is rejected as `id_conflict`.
+    """
+    screened = Screened()
+    seen = dict(stored)
+    for item in decoded:
+        if item.rejection is not None:
+            screened.rejected.append((item, item.rejection))
+            continue
+        event = item.event
+        assert event is not None
+        payload = canonical_json(event_content(event))
+        digest = payload_hash(payload)
+        known = seen.get(event.id)
+        if known == digest:
+            screened.duplicates += 1
+        elif known is not None:
+            conflict = Rejection(ID_CONFLICT, f"event id {event.id} was used with other content")
+            screened.rejected.append((item, conflict))
+        else:
+            seen[event.id] = digest
+            screened.unique.append(Unique(item, event, payload, digest))
+    return screened
+
+
 def decode_all(records: Sequence[Incoming]) -> list[Decoded]:
     """Decode a batch outside the transaction; failures become rejections, never exceptions."""
     decoded = []
@@ -89,29 +134,12 @@ async def apply_batch(
         result.quarantined[rejection.code] = result.quarantined.get(rejection.code, 0) + 1
         quarantined.append(_quarantined(item, rejection, received_at))
 
-    candidates = [item for item in decoded if item.event is not None]
-    stored = await repo.stored_content_hashes(
-        conn, [item.event.id for item in candidates if item.event]
-    )
-    seen: dict[str, str] = dict(stored)
-    to_fold: list[tuple[Decoded, Event, bytes, str]] = []
-    for item in decoded:
-        if item.rejection is not None:
-            reject(item, item.rejection)
-            continue
-        event = item.event
-        assert event is not None
-        payload = canonical_json(event_content(event))
-        digest = payload_hash(payload)
-        known = seen.get(event.id)
-        if known == digest:
-            result.duplicates += 1
-            continue
-        if known is not None:
-            reject(item, Rejection(ID_CONFLICT, f"event id {event.id} was used with other content"))
-            continue
-        seen[event.id] = digest
-        to_fold.append((item, event, payload, digest))
+    event_ids = [item.event.id for item in decoded if item.event is not None]
+    screened = screen(decoded, await repo.stored_content_hashes(conn, event_ids))
+    result.duplicates = screened.duplicates
+    for item, rejection in screened.rejected:
+        reject(item, rejection)
+    to_fold = [(u.item, u.event, u.payload, u.digest) for u in screened.unique]
 
     state = await repo.load_state(conn, _keys([event for _, event, _, _ in to_fold]))
     outcome = fold(state, (event for _, event, _, _ in to_fold), head.position + 1)

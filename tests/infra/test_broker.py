@@ -39,6 +39,10 @@ async def test_produce_then_consume_in_a_group(kafka_bootstrap: str) -> None:
         group_id=group,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        # Tansu completes a group join only after about half the session timeout (5 s with
+        # aiokafka's default 10 s); 6 s is the smallest that Apache Kafka accepts by default.
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
     )
     await consumer.start()
     try:

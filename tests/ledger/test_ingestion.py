@@ -64,7 +64,7 @@ async def test_confluent_kafka_events_reach_projections(
         for event in events:
             if mode == "binary":
                 headers, value = binary(event)
-                producer.produce(settings.topic, key=b"acct_c", value=value, headers=headers)
+                producer.produce(settings.topic, key=b"acct_c", value=value, headers=list(headers))
             else:
                 producer.produce(settings.topic, key=b"acct_c", value=structured(event))
         remaining = await asyncio.to_thread(producer.flush, 30)
@@ -79,7 +79,7 @@ async def test_poison_messages_are_quarantined_and_the_fold_goes_on(
 ) -> None:
     first = recharge("acct_p", 100, event_id="evt-1")
     conflicting = recharge("acct_p", 999, event_id="evt-1")
-    poison = [
+    poison: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
         (b"acct_p", b"{not json", []),
         (b"acct_p", json.dumps({"hello": "world"}).encode(), []),
         (b"acct_p", structured(cloud_event("quota.account.teleported", "acct_p", {})), []),

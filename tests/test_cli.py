@@ -1,0 +1,64 @@
+"""The `quota` command: dev stack, secret checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.infra.broker import free_port
+from services.settings import Settings
+from tests.builders import wait_for
+
+QUOTA = str(Path(sys.executable).parent / "quota")
+
+
+def test_ledger_refuses_to_start_without_an_admin_token() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTA_")}
+    result = subprocess.run(
+        [QUOTA, "ledger"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode != 0
+    assert "QUOTA_ADMIN_TOKEN" in result.stderr + result.stdout
+
+
+@pytest.mark.timeout(120)
+async def test_dev_migrates_seeds_and_serves(settings: Settings, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "QUOTA_DATABASE_URL": settings.database_url,
+        "QUOTA_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "QUOTA_TOPIC": settings.topic,
+        "QUOTA_DEV_DIR": str(tmp_path),
+    }
+    env.pop("QUOTA_ADMIN_TOKEN", None)
+    log = tmp_path / "dev.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [QUOTA, "dev", "--ledger-port", str(port)], env=env, stdout=output, stderr=output
+        )
+    try:
+        await wait_for(
+            lambda: _printed(log, "quota dev is running"), timeout=90, what="quota dev banner"
+        )
+        text = log.read_text()
+        assert "sk-quota-demo" in text
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            account = await client.get(
+                "/accounts/acct_demo", headers={"Authorization": "Bearer dev-admin-token"}
+            )
+        assert account.status_code == 200
+        assert account.json()["balance"] == 1_000_000
+        assert "sk-quota-demo" not in text.split("quota dev is running")[0]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+async def _printed(log: Path, text: str) -> bool:
+    return text in log.read_text(errors="replace")
