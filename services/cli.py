@@ -41,6 +41,20 @@ def ledger(
 
 
 @app.command()
+def policy(
+    host: Host = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8081,
+) -> None:
+    """Answer /authorize from an in-memory snapshot kept fresh by the ledger."""
+    from services.policy.app import create_app
+
+    settings = Settings()
+    settings.check_secrets()
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+
+
+@app.command()
 def dev(
     host: Host = "127.0.0.1",
     ledger_port: Annotated[int, typer.Option(help="Ledger port.")] = 8080,

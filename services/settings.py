@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     redis_url: str = ""
     batch_max_records: int = Field(default=5000, ge=1)
     batch_timeout_ms: int = Field(default=200, ge=1)
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_seconds: float = Field(default=1.0, gt=0)
+    max_staleness_seconds: float = Field(default=10.0, gt=0)
+    fail_open: bool = False
+    max_request_bytes: int = Field(default=64 * 1024, ge=1024)
     log_level: str = "INFO"
     log_json: bool = True
     dev_mode: bool = False

@@ -15,7 +15,7 @@ from services.ledger import repository as repo
 from services.migrate import upgrade
 from services.settings import Settings
 
-pytest_plugins = ["tests.fixtures.infra"]
+pytest_plugins = ["tests.fixtures.infra", "tests.processes"]
 
 ADMIN_TOKEN = "test-admin-token"
 PARTITIONS = 4
@@ -74,5 +74,7 @@ def settings(database_url: str, kafka_bootstrap: str, topic: str) -> Settings:
         consumer_group=f"ledger-{uuid.uuid4().hex[:8]}",
         admin_token=ADMIN_TOKEN,
         batch_timeout_ms=50,
+        # Tansu holds a group join for half the session timeout; keep tests quick.
+        kafka_session_timeout_ms=3_000,
         log_json=True,
     )

@@ -27,6 +27,8 @@ class PhaseTimer:
     last_start: dict[str, float] = field(default_factory=dict)
     last_end: dict[str, float] = field(default_factory=dict)
     enabled: bool = True
+    #: Time spent before this instant (the group join) is left out of the totals.
+    window_start: float | None = None
     _restore: list[Callable[[], None]] = field(default_factory=list)
 
     def add(self, name: str, seconds: float, calls: int = 1) -> None:
@@ -79,8 +81,13 @@ class PhaseTimer:
         while self._restore:
             self._restore.pop()()
 
-    def reset(self) -> None:
-        self.phases.clear()
+    def add_span(self, name: str, started: float, ended: float) -> None:
+        """Add the part of [started, ended] after `window_start` (nothing before it is set)."""
+        if self.window_start is None:
+            return
+        started = max(started, self.window_start)
+        if ended > started:
+            self.add(name, ended - started)
 
 
 def instrument_ledger(timer: PhaseTimer) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import cProfile
 import contextlib
+import cProfile
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -33,6 +33,7 @@ class Timeline:
 
     started: float
     assigned: float | None = None
+    first_started: float | None = None
     first: float | None = None
     first_events: int = 0
     last: float | None = None
@@ -71,10 +72,18 @@ class Timeline:
             if self.last is None
             else self.last - (self.assigned or self.started),
             "first_batch_events": self.first_events,
+            "assigned_at": _rel(self.assigned, self.started),
+            "first_batch_started_at": _rel(self.first_started, self.started),
+            "first_batch_done_at": _rel(self.first, self.started),
+            "last_batch_done_at": _rel(self.last, self.started),
             "events_per_second_e2e": self.rate_e2e(),
             "events_per_second_post_join": self.rate_post_join(),
             "events_per_second_steady": steady,
         }
+
+
+def _rel(instant: float | None, origin: float) -> float | None:
+    return None if instant is None else round(instant - origin, 4)
 
 
 # --- raw baseline ------------------------------------------------------------------------------
@@ -126,6 +135,10 @@ async def run_raw(
                 timeline.last = now
     finally:
         await consumer.stop()
+    if timeline.events != expected:
+        # (The count is checked here, not with end offsets: Tansu 0.6 reports the last batch's
+        # base offset as a partition's end offset.)
+        raise RuntimeError(f"the raw consumer read {timeline.events} records, expected {expected}")
     return timeline
 
 
@@ -143,7 +156,7 @@ class _TimedKafkaConsumer(AIOKafkaConsumer):  # type: ignore[misc]
             return await super().getmany(*partitions, **kwargs)
         finally:
             if self.timer is not None:
-                self.timer.add("kafka.getmany", time.perf_counter() - started)
+                self.timer.add_span("kafka.getmany", started, time.perf_counter())
 
 
 @contextlib.contextmanager
@@ -175,12 +188,14 @@ class TimedLedgerConsumer(LedgerConsumer):
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         await super().on_assigned(assigned)
         if self.timeline.assigned is None:
-            self.timeline.assigned = time.perf_counter()
+            self.timeline.assigned = self.timer.window_start = time.perf_counter()
 
     async def _process(self, consumer: AIOKafkaConsumer, batches: dict[Any, Any]) -> None:
         before = self.position
         timer = self.timer
         started = time.perf_counter()
+        if self.timeline.first_started is None:
+            self.timeline.first_started = started
         await super()._process(consumer, batches)
         ended = time.perf_counter()
         timer.add("ledger._process", ended - started)
@@ -204,6 +219,7 @@ class TimedLedgerConsumer(LedgerConsumer):
             line.first, line.first_events = ended, self.position - before
         line.last = ended
         if self.position >= self.target:
+            timer.enabled = False  # the in-flight getmany after the last batch is not counted
             self.done.set()
 
 
@@ -244,8 +260,7 @@ async def run_fold(
                     raise RuntimeError("the ledger consumer stopped before reaching the target")
         except TimeoutError:
             raise RuntimeError(
-                f"fold did not reach position {target} within {timeout:.0f}s "
-                f"(at {ledger.position})"
+                f"fold did not reach position {target} within {timeout:.0f}s (at {ledger.position})"
             ) from None
         finally:
             if profiler is not None:

@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from tests.builders import structured, usage
 
@@ -32,9 +32,7 @@ def account_id(index: int) -> str:
     return f"acct-{index:05d}"
 
 
-async def produce(
-    bootstrap: str, topic: str, events: int, accounts: int, seed: int
-) -> Produced:
+async def produce(bootstrap: str, topic: str, events: int, accounts: int, seed: int) -> Produced:
     """Produce `events` usage events with unique ids over `accounts` random accounts."""
     rng = random.Random(seed)
     result = Produced()
@@ -66,15 +64,3 @@ async def produce(
         await producer.stop()
     result.seconds = time.perf_counter() - started
     return result
-
-
-async def topic_record_count(bootstrap: str, topic: str, partitions: int) -> int:
-    """Sum of the partitions' end offsets (the topic is fresh, so this is its record count)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        ends = await consumer.end_offsets(tps)
-        return sum(int(offset) for offset in ends.values())
-    finally:
-        await consumer.stop()

@@ -11,15 +11,11 @@ T = TypeVar("T")
 
 
 def run_blocking(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run `factory()` in a fresh event loop and return its result.
+    """Run `factory()` in a fresh event loop on a short-lived worker thread; return its result.
 
-    When the calling thread already runs a loop (a sync helper called from async code,
-    e.g. from inside a pytest-asyncio test), the coroutine runs in a short-lived worker
-    thread instead, since `asyncio.run` refuses to nest.
+    The worker thread keeps the caller's own event-loop state untouched: `asyncio.run` refuses
+    to nest inside a running loop, and on the calling thread it would also reset the current
+    loop that pytest-asyncio (or an application) may have installed there.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(factory())
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-blocking") as pool:
         return pool.submit(lambda: asyncio.run(factory())).result()

@@ -62,10 +62,12 @@ def create_app(settings: Settings, *, run_consumer: bool = True) -> FastAPI:
         await producer.start()
         consumer = LedgerConsumer(settings, pool) if run_consumer else None
         task = asyncio.create_task(consumer.run()) if consumer else None
+        beat = asyncio.create_task(heartbeat(pool, settings.heartbeat_seconds))
         app.state.ledger = Ledger(settings, pool, producer, consumer)
         try:
             yield
         finally:
+            beat.cancel()
             if consumer and task:
                 await consumer.stop()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -81,6 +83,18 @@ def create_app(settings: Settings, *, run_consumer: bool = True) -> FastAPI:
     )
     _routes(app)
     return app
+
+
+async def heartbeat(pool: asyncpg.Pool, interval: float) -> None:
+    """Tell listeners the ledger's position even when idle, so they can tell stale from quiet."""
+    while True:
+        try:
+            async with pool.acquire() as conn:
+                head = await repo.read_head(conn)
+                await repo.notify_changes(conn, {"position": head.position, "heartbeat": True})
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            log.warning("heartbeat failed", error=str(exc))
+        await asyncio.sleep(interval)
 
 
 def _ledger(request: Request) -> Ledger:

@@ -57,6 +57,8 @@ class LedgerConsumer:
             client_id=self.owner,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            session_timeout_ms=self.settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=min(3_000, self.settings.kafka_session_timeout_ms // 3),
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=32 * 1024 * 1024,
         )

@@ -227,15 +227,8 @@ async def load_all(conn: asyncpg.Connection) -> State:
         token = _token(row)
         state.tokens[token.token_id] = token
         state.token_keys[token.key_sha256] = token.token_id
-    for row in await conn.fetch("SELECT * FROM channels"):
-        channel = _channel(row)
-        state.channels[channel.channel_id] = channel
-    for row in await conn.fetch("SELECT * FROM models"):
-        state.models[row["model"]] = ModelSpec(
-            row["model"], row["kind"], row["limits"], row["position"]
-        )
-    for row in await conn.fetch("SELECT * FROM route_policies"):
-        state.routes[row["route"]] = RoutePolicy(row["route"], row["min_role"], row["position"])
+    catalog = await load_catalog(conn)
+    state.channels, state.models, state.routes = catalog.channels, catalog.models, catalog.routes
     for row in await conn.fetch("SELECT * FROM rate_limits"):
         key = (row["account_id"], row["model"])
         state.rate_limits[key] = RateLimit(
@@ -479,3 +472,49 @@ async def stored_offsets(conn: asyncpg.Connection, group_id: str, topic: str) ->
         topic,
     )
     return {row["partition"]: row["next_offset"] for row in rows}
+
+
+# --- partial reads (the policy snapshot reloads only what a batch changed) -------------------
+
+
+async def load_accounts(conn: asyncpg.Connection, account_ids: Sequence[str]) -> list[Account]:
+    rows = await conn.fetch(
+        """
+        SELECT account_id, balance, held, status, role, group_name, position
+        FROM accounts WHERE account_id = ANY($1::text[])
+        """,
+        list(account_ids),
+    )
+    return [_account(row) for row in rows]
+
+
+async def load_tokens(conn: asyncpg.Connection, token_ids: Sequence[str]) -> list[Token]:
+    rows = await conn.fetch(
+        "SELECT * FROM tokens WHERE token_id = ANY($1::text[])", list(token_ids)
+    )
+    return [_token(row) for row in rows]
+
+
+async def load_rate_limits(conn: asyncpg.Connection, account_ids: Sequence[str]) -> list[RateLimit]:
+    rows = await conn.fetch(
+        "SELECT * FROM rate_limits WHERE account_id = ANY($1::text[])", list(account_ids)
+    )
+    return [
+        RateLimit(r["account_id"], r["model"], r["requests"], r["window_seconds"], r["position"])
+        for r in rows
+    ]
+
+
+async def load_catalog(conn: asyncpg.Connection) -> State:
+    """Channels, models and route policies (small tables, reloaded whole)."""
+    state = State()
+    for row in await conn.fetch("SELECT * FROM channels"):
+        channel = _channel(row)
+        state.channels[channel.channel_id] = channel
+    for row in await conn.fetch("SELECT * FROM models"):
+        state.models[row["model"]] = ModelSpec(
+            row["model"], row["kind"], row["limits"], row["position"]
+        )
+    for row in await conn.fetch("SELECT * FROM route_policies"):
+        state.routes[row["route"]] = RoutePolicy(row["route"], row["min_role"], row["position"])
+    return state

@@ -307,6 +307,13 @@ async def assert_exactly_once(
 
 # --------------------------------------------------------------------------- the tests
 
+#: Whether another session (a ledger's batch) has a transaction open in this database.
+OPEN_TRANSACTIONS = """
+    SELECT count(*) > 0 FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
+      AND backend_type = 'client backend'
+"""
+
 
 @pytest.mark.timeout(240)
 async def test_sigkill_mid_stream_applies_every_event_once(
@@ -320,11 +327,18 @@ async def test_sigkill_mid_stream_applies_every_event_once(
 
     first = ledgers.start("first", batch_max_records=1_000)
 
-    async def a_third_applied() -> bool:
+    async def a_third_applied_and_a_batch_open() -> bool:
         ledgers.check_alive()
-        return (await head(pool)).position >= work.unique // 3
+        if (await head(pool)).position < work.unique // 3:
+            return False
+        async with pool.acquire() as conn:
+            return bool(await conn.fetchval(OPEN_TRANSACTIONS))
 
-    await wait_for(a_third_applied, timeout=60, what="a third of the stream to be applied")
+    await wait_for(
+        a_third_applied_and_a_batch_open,
+        timeout=60,
+        what="a third of the stream to be applied, with a batch in flight",
+    )
     first.sigkill()
     at_kill = (await head(pool)).position
     assert at_kill < work.unique, "the ledger finished before it could be killed mid-stream"
@@ -401,6 +415,42 @@ async def test_two_ledgers_in_one_group_split_partitions_and_apply_each_event_on
     for partition in orphaned:
         assert after[partition] > before[partition][1], f"partition {partition} not re-claimed"
     assert b.alive()
+
+
+@pytest.mark.timeout(240)
+async def test_a_ledger_joining_mid_stream_takes_partitions_without_double_applying(
+    settings: Settings, pool: asyncpg.Pool, ledgers: Ledgers
+) -> None:
+    work = Workload(random.Random(99))
+    ends = await produce_records(
+        settings.kafka_bootstrap, settings.topic, work.events(40_000, duplicates=400)
+    )
+    a = ledgers.start("a", batch_max_records=500)
+    owner_a = await ledgers.wait_for_owner(a)
+
+    async def started_applying() -> bool:
+        ledgers.check_alive()
+        return (await head(pool)).position >= 1_000
+
+    await wait_for(started_applying, timeout=60, what="ledger a to start applying")
+    b = ledgers.start("b", batch_max_records=500)
+    owner_b = await ledgers.wait_for_owner(b)
+
+    async def split() -> bool:
+        ledgers.check_alive()
+        async with pool.acquire() as conn:
+            owners = await conn.fetch(
+                "SELECT DISTINCT owner FROM consumer_offsets WHERE group_id = $1",
+                settings.consumer_group,
+            )
+        return {row["owner"] for row in owners} == {owner_a, owner_b}
+
+    await wait_for(split, timeout=60, what="ledger b to take partitions from a")
+    at_split = (await head(pool)).position
+    assert at_split < work.unique, "the stream was applied before the rebalance"
+
+    await wait_until_applied(pool, settings, ledgers, work.unique, ends)
+    await assert_exactly_once(pool, settings, work, ends)
 
 
 @pytest.mark.timeout(240)

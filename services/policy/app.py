@@ -1,0 +1,283 @@
+"""The policy service: `POST /authorize` and forward-auth, answered from an in-memory snapshot.
+
+Start it with `quota policy --host --port` (QUOTA_DATABASE_URL, QUOTA_SERVICE_TOKEN,
+QUOTA_REDIS_URL, QUOTA_MAX_STALENESS_SECONDS, QUOTA_FAIL_OPEN). `GET /readyz` answers 200 with
+`{"ready": true, "position": N}` once the snapshot is loaded; N is the ledger position the
+snapshot has seen, which tests and operators can wait on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final
+
+import structlog
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from pydantic import ValidationError
+
+from services.policy.decision import (
+    RATE_LIMITED,
+    AuthorizeRequest,
+    Decision,
+    Snapshot,
+    decide,
+    deny,
+    extract_key,
+)
+from services.policy.ratelimit import RateLimiter, build_rate_limiter
+from services.policy.snapshot_store import SnapshotStore
+from services.settings import Settings, asyncpg_dsn
+
+log = structlog.get_logger("quota.policy.http")
+
+DECISIONS = Counter("quota_policy_decisions_total", "Decisions by outcome", ["reason"])
+
+INVALID_REQUEST: Final = "invalid_request"
+SERVICE_TOKEN_INVALID: Final = "service_token_invalid"
+SNAPSHOT_STALE: Final = "snapshot_stale"
+REQUEST_TOO_LARGE: Final = "request_too_large"
+
+
+class Policy:
+    def __init__(self, settings: Settings, store: SnapshotStore, limiter: RateLimiter) -> None:
+        self.settings = settings
+        self.store = store
+        self.limiter = limiter
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The policy application; its lifespan loads the snapshot and keeps it fresh."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = SnapshotStore(asyncpg_dsn(settings.database_url))
+        limiter = build_rate_limiter(settings.redis_url)
+        task = asyncio.create_task(store.run())
+        app.state.policy = Policy(settings, store, limiter)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await limiter.close()
+
+    app = FastAPI(
+        title="quota policy",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Answers whether a gateway request may go ahead.",
+    )
+    _routes(app)
+    return app
+
+
+def _error(status: int, reason: str, message: str, position: int, type_: str) -> JSONResponse:
+    body = {
+        "allowed": False,
+        "error": {"message": message, "type": type_, "code": reason, "reason": reason},
+        "position": position,
+    }
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _gate(policy: Policy, service_token: str | None) -> JSONResponse | Snapshot:
+    """Service authentication and freshness; the snapshot to decide from, or the refusal."""
+    settings = policy.settings
+    position = policy.store.position
+    if settings.service_token and not hmac.compare_digest(
+        (service_token or "").encode(), settings.service_token.encode()
+    ):
+        return _error(
+            401,
+            SERVICE_TOKEN_INVALID,
+            "Unauthorized – missing or wrong X-Quota-Service-Token.",
+            position,
+            "authentication_error",
+        )
+    snapshot = policy.store.snapshot
+    if snapshot is None:
+        return _error(
+            503, SNAPSHOT_STALE, "Quota snapshot is not loaded yet.", 0, "service_unavailable"
+        )
+    if (
+        not settings.fail_open
+        and policy.store.seconds_since_heard() > settings.max_staleness_seconds
+    ):
+        return _error(
+            503,
+            SNAPSHOT_STALE,
+            "Quota state is stale: the ledger has not been heard from; try again later.",
+            position,
+            "service_unavailable",
+        )
+    return snapshot
+
+
+async def authorize_request(
+    policy: Policy, request: AuthorizeRequest, snapshot: Snapshot
+) -> Decision:
+    """Checks 1–13 from the snapshot (pure), then check 14 against the shared limiter."""
+    decision = decide(request, snapshot, datetime.now(UTC))
+    if decision.allowed and decision.rate_limit is not None and decision.rate_limit_key:
+        account_id, model = decision.rate_limit_key
+        retry_after = await policy.limiter.hit(account_id, model, decision.rate_limit)
+        if retry_after is not None:
+            key = extract_key(request.authorization)
+            decision = deny(
+                RATE_LIMITED,
+                snapshot.position,
+                key_last6=key[-6:],
+                model=model,
+                retry_after=retry_after,
+            )
+    DECISIONS.labels(reason=decision.reason or "allowed").inc()
+    return decision
+
+
+def _invalid(exc: ValidationError | ValueError, position: int) -> JSONResponse:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        detail = f"{where}: {first['msg']}"
+    else:
+        detail = str(exc)
+    return _error(
+        400,
+        INVALID_REQUEST,
+        f"Bad Request – {detail}",
+        position,
+        "invalid_request_error",
+    )
+
+
+DENIED_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Invalid request body, invalid channel ID, or a request-limit check"},
+    401: {"description": "No or invalid key, or wrong X-Quota-Service-Token"},
+    403: {"description": "IP, suspension, permission, model, pin, channel or quota denial"},
+    413: {"description": "Request body too large"},
+    429: {"description": "Rate limited (Retry-After)"},
+    503: {"description": "Model unavailable, provider rate limited (Retry-After), or stale"},
+}
+
+
+def _routes(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], responses={503: {"description": "Snapshot not loaded"}})
+    async def readyz(request: Request) -> JSONResponse:
+        store: SnapshotStore = request.app.state.policy.store
+        if store.snapshot is None:
+            return JSONResponse({"ready": False, "position": 0}, status_code=503)
+        return JSONResponse({"ready": True, "position": store.position})
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/authorize",
+        tags=["authorize"],
+        responses={200: {"description": "Allowed"}, **DENIED_RESPONSES},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": AuthorizeRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def authorize(
+        request: Request,
+        x_quota_service_token: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        policy: Policy = request.app.state.policy
+        gate = _gate(policy, x_quota_service_token)
+        if isinstance(gate, JSONResponse):
+            return gate
+        body = await request.body()
+        if len(body) > policy.settings.max_request_bytes:
+            return _error(
+                413, REQUEST_TOO_LARGE, "Request body too large.", gate.position,
+                "invalid_request_error",
+            )  # fmt: skip
+        try:
+            parsed = AuthorizeRequest.model_validate_json(body)
+        except ValidationError as exc:
+            return _invalid(exc, gate.position)
+        decision = await authorize_request(policy, parsed, gate)
+        return JSONResponse(decision.body, status_code=decision.status, headers=decision.headers)
+
+    @app.api_route(
+        "/authorize/forward",
+        methods=["GET", "POST"],
+        tags=["authorize"],
+        responses={200: {"description": "Allowed"}, **DENIED_RESPONSES},
+    )
+    async def forward(
+        request: Request,
+        x_quota_service_token: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """nginx `auth_request`, Traefik ForwardAuth, Envoy ext_authz: inputs from headers."""
+        policy: Policy = request.app.state.policy
+        gate = _gate(policy, x_quota_service_token)
+        if isinstance(gate, JSONResponse):
+            return _for_nginx(request, gate)
+        headers = request.headers
+        forwarded_for = headers.get("x-forwarded-for", "")
+        fields: dict[str, Any] = {
+            "authorization": headers.get("authorization"),
+            "client_ip": forwarded_for.split(",")[0].strip() or None,
+            "route": headers.get("x-forwarded-uri") or headers.get("x-original-uri"),
+            "model": headers.get("x-quota-model"),
+            "channel_id": headers.get("x-quota-channel") or None,
+            "request_id": headers.get("x-request-id") or None,
+        }
+        cost = headers.get("x-quota-estimated-cost")
+        try:
+            if cost:
+                fields["estimated_cost"] = int(cost)
+            parsed = AuthorizeRequest.model_validate(fields)
+        except (ValidationError, ValueError) as exc:
+            return _for_nginx(request, _invalid(exc, gate.position))
+        decision = await authorize_request(policy, parsed, gate)
+        response = JSONResponse(
+            decision.body, status_code=decision.status, headers=decision.headers
+        )
+        return _for_nginx(request, response)
+
+
+def _for_nginx(request: Request, response: JSONResponse) -> Response:
+    """Add X-Quota-* headers; nginx's auth_request only passes 2xx, 401 and 403 through."""
+    body: dict[str, Any] = json.loads(bytes(response.body))
+    status = response.status_code
+    headers = response.headers
+    headers["X-Quota-Allowed"] = "true" if body.get("allowed") else "false"
+    headers["X-Quota-Status"] = str(status)
+    headers["X-Quota-Position"] = str(body.get("position", 0))
+    if body.get("allowed"):
+        for name, field in (("Account", "account_id"), ("Token", "token_id"), ("Role", "role"),
+                            ("Group", "group"), ("Balance", "balance"),
+                            ("Available", "available")):  # fmt: skip
+            headers[f"X-Quota-{name}"] = str(body[field])
+        if body.get("reservation"):
+            headers["X-Quota-Reservation"] = str(body["reservation"]["id"])
+    else:
+        headers["X-Quota-Reason"] = str(body["error"]["reason"])
+        headers["X-Quota-Error-Body"] = json.dumps(body, ensure_ascii=True)
+        if request.headers.get("x-quota-auth-request", "").lower() == "nginx" and status not in (
+            401,
+            403,
+        ):
+            response.status_code = 403
+    return response

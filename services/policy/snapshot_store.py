@@ -1,0 +1,171 @@
+"""The policy's in-memory snapshot of the projections, kept fresh by push from the ledger.
+
+The ledger sends `NOTIFY quota_changes` in every batch's transaction (so it arrives at commit)
+naming what changed and the new position, and a heartbeat with its position when idle. This
+store listens on a dedicated connection, reloads only the rows a notification names, and
+reloads everything after (re)connecting, since notifications sent while disconnected are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+
+from services.ledger import repository as repo
+from services.ledger.fold import State
+from services.policy.decision import Snapshot
+
+log = structlog.get_logger("quota.policy.snapshot")
+
+RECONNECT_DELAY_SECONDS = 0.5
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Notifications received but not yet reloaded, merged."""
+
+    all: bool = False
+    accounts: set[str] = field(default_factory=set)
+    tokens: set[str] = field(default_factory=set)
+    rate_limit_accounts: set[str] = field(default_factory=set)
+    catalog: bool = False
+    position: int = 0
+
+    def merge(self, message: dict[str, Any]) -> None:
+        self.position = max(self.position, int(message.get("position", 0)))
+        if message.get("all"):
+            self.all = True
+        self.accounts.update(message.get("accounts", ()))
+        self.tokens.update(message.get("tokens", ()))
+        self.rate_limit_accounts.update(key[0] for key in message.get("rate_limits", ()))
+        self.catalog = self.catalog or bool(message.get("catalog"))
+
+    def empty(self) -> bool:
+        return not (
+            self.all or self.accounts or self.tokens or self.rate_limit_accounts or self.catalog
+        )
+
+
+class SnapshotStore:
+    """Holds the current `Snapshot`; `run()` keeps it fresh until cancelled."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.snapshot: Snapshot | None = None
+        self.loaded = asyncio.Event()
+        self._state = State()
+        self._pending = _Pending()
+        self._wake = asyncio.Event()
+        self._last_heard = time.monotonic()
+        self._heard_position = 0
+        self._changed = asyncio.Condition()
+
+    @property
+    def position(self) -> int:
+        return self.snapshot.position if self.snapshot is not None else 0
+
+    def seconds_since_heard(self) -> float:
+        """Seconds since the ledger was last heard from (a change or a heartbeat)."""
+        return time.monotonic() - self._last_heard
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._listen_once()
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                log.warning("snapshot connection lost; reconnecting", error=str(exc))
+            await asyncio.sleep(RECONNECT_DELAY_SECONDS)
+
+    async def wait_for_position(self, position: int) -> None:
+        """Until the snapshot has seen `position` (tests and readiness use this)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.position >= position)
+
+    async def _listen_once(self) -> None:
+        conn: asyncpg.Connection = await asyncpg.connect(self.dsn)
+        await repo.init_connection(conn)
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        try:
+            self._pending = _Pending()
+            await conn.add_listener(repo.CHANGES_CHANNEL, self._on_notify)
+            # Listen first, then load: nothing committed after the load can be missed.
+            await self._reload_all(conn)
+            while not lost.is_set():
+                waiter = asyncio.ensure_future(self._wake.wait())
+                lost_waiter = asyncio.ensure_future(lost.wait())
+                await asyncio.wait({waiter, lost_waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                lost_waiter.cancel()
+                self._wake.clear()
+                if lost.is_set():
+                    break
+                await self._apply_pending(conn)
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._last_heard = time.monotonic()
+        try:
+            message = json.loads(payload)
+        except json.JSONDecodeError:
+            log.warning("ignoring a malformed notification", payload=payload[:200])
+            return
+        if not isinstance(message, dict):
+            return
+        self._pending.merge(message)
+        self._wake.set()
+
+    async def _reload_all(self, conn: asyncpg.Connection) -> None:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            head = await repo.read_head(conn)
+            state = await repo.load_all(conn)
+        self._state = state
+        await self._publish(head.position)
+        log.info("snapshot loaded", position=head.position, accounts=len(state.accounts))
+
+    async def _apply_pending(self, conn: asyncpg.Connection) -> None:
+        pending, self._pending = self._pending, _Pending()
+        if pending.all:
+            await self._reload_all(conn)
+            return
+        if pending.empty():
+            # A heartbeat: nothing changed up to its position.
+            await self._publish(max(self.position, pending.position))
+            return
+        state = self._state
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            if pending.accounts:
+                for account in await repo.load_accounts(conn, sorted(pending.accounts)):
+                    state.accounts[account.account_id] = account
+            if pending.tokens:
+                for token in await repo.load_tokens(conn, sorted(pending.tokens)):
+                    state.tokens[token.token_id] = token
+                    state.token_keys[token.key_sha256] = token.token_id
+            if pending.rate_limit_accounts:
+                accounts = pending.rate_limit_accounts
+                for key in [k for k in state.rate_limits if k[0] in accounts]:
+                    del state.rate_limits[key]
+                for limit in await repo.load_rate_limits(conn, sorted(accounts)):
+                    state.rate_limits[(limit.account_id, limit.model)] = limit
+            if pending.catalog:
+                catalog = await repo.load_catalog(conn)
+                state.channels, state.models = catalog.channels, catalog.models
+                state.routes = catalog.routes
+        # Notifications arrive in commit order, so every change up to the newest notified
+        # position has been reloaded (rows may even be newer, which is only fresher).
+        await self._publish(pending.position)
+
+    async def _publish(self, position: int) -> None:
+        self.snapshot = Snapshot.from_state(self._state, max(position, self.position))
+        self.loaded.set()
+        async with self._changed:
+            self._changed.notify_all()
