@@ -126,7 +126,7 @@ def _gate(policy: Policy, service_token: str | None) -> JSONResponse | Snapshot:
 async def authorize_request(
     policy: Policy, request: AuthorizeRequest, snapshot: Snapshot
 ) -> Decision:
-    """Checks 1–13 from the snapshot (pure), then check 14 against the shared limiter."""
+    """Checks 1-13 from the snapshot (pure), then check 14 against the shared limiter."""
     decision = decide(request, snapshot, datetime.now(UTC))
     if decision.allowed and decision.rate_limit is not None and decision.rate_limit_key:
         account_id, model = decision.rate_limit_key
