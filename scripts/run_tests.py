@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from services.infra.testenv import (  # noqa: E402
 WORKDIR = ROOT / ".work"
 MYPY_TARGETS = ("services", "tests", "bench", "scripts", "bootstrap.py", "migrations")
 PYTEST_NO_TESTS_COLLECTED = 5
+NGINX_FALLBACK = "/usr/sbin/nginx"  # not on a non-root user's PATH on Debian
 
 
 def header(text: str) -> None:
@@ -112,6 +114,40 @@ def infrastructure() -> Iterator[None]:
             print("stopping the local infrastructure", flush=True)
 
 
+def ensure_nginx() -> None:
+    """tests/deploy/test_nginx.py runs a real nginx: install Debian's package when it is missing.
+
+    Only as root with apt-get; otherwise, or when the install fails, print a warning and go on
+    (that test then fails, saying nginx is missing). Debian 12's `nginx` package holds the
+    binary with the auth_request module (`nginx-light` only adds the echo module to it).
+    """
+    if shutil.which("nginx") or Path(NGINX_FALLBACK).exists():
+        return
+    consequence = "tests/deploy/test_nginx.py will fail"
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        print(f"warning: nginx is missing and only root with apt-get installs it; {consequence}")
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    started = time.monotonic()
+    for args in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx"],
+    ):
+        command = " ".join(args)
+        try:
+            done = subprocess.run(
+                args, env=env, capture_output=True, text=True, timeout=600, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            print(f"warning: `{command}` failed ({exc}); {consequence}")
+            return
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"warning: `{command}` exited {done.returncode} ({last}); {consequence}")
+            return
+    print(f"installed Debian's nginx package ({time.monotonic() - started:.1f}s)")
+
+
 def _has_python(path: Path) -> bool:
     """mypy refuses (exit 2) a directory argument holding no .py files: skip those."""
     if path.is_file():
@@ -140,6 +176,7 @@ def main(pytest_args: list[str]) -> int:
         step("ruff check .", [python, "-m", "ruff", "check", "."])
         step(f"mypy {' '.join(mypy_targets)}", [python, "-m", "mypy", *mypy_targets])
         header("infrastructure")
+        ensure_nginx()
         with contextlib.ExitStack() as stack:
             started = time.monotonic()
             try:

@@ -18,6 +18,7 @@ from services.infra.postgres import find_or_start_postgres, with_database
 from services.ledger import repository as repo
 from services.ledger.app import create_app, publish
 from services.logs import configure_logging
+from services.policy.app import create_app as create_policy_app
 from services.migrate import upgrade
 from services.settings import DEV_ADMIN_TOKEN, Settings, asyncpg_dsn
 
@@ -87,7 +88,7 @@ def run_dev(host: str, ledger_port: int, policy_port: int) -> None:
         configure_logging(settings.log_level, settings.log_json)
         upgrade(settings.database_url)
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(settings, host, ledger_port))
+            asyncio.run(_serve(settings, host, ledger_port, policy_port))
 
 
 async def _create_database(server_url: str, name: str) -> None:
@@ -100,26 +101,34 @@ async def _create_database(server_url: str, name: str) -> None:
         await conn.close()
 
 
-async def _serve(settings: Settings, host: str, ledger_port: int) -> None:
-    app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=ledger_port, log_config=None))
+async def _start(app: Any, host: str, port: int) -> asyncio.Task[None]:
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
             await task
-            return
+            raise SystemExit(f"could not serve on {host}:{port}")
         await asyncio.sleep(0.05)
+    return task
+
+
+async def _serve(settings: Settings, host: str, ledger_port: int, policy_port: int) -> None:
+    app = create_app(settings)
+    ledger_task = await _start(app, host, ledger_port)
+    policy_task = await _start(create_policy_app(settings), host, policy_port)
     ledger = app.state.ledger
     events = [decode_http_object(item) for item in demo_events()]
     await publish(ledger.producer, settings.topic, events)
     await _wait_for_account(ledger.pool, DEMO_ACCOUNT, timeout=30)
     base = f"http://{host}:{ledger_port}"
+    policy = f"http://{host}:{policy_port}"
     print(
         f"""
 quota dev is running (Ctrl-C stops everything)
   database   {settings.database_url}
   kafka      {settings.kafka_bootstrap}  topic {settings.topic}
   ledger     {base}   admin token: {settings.admin_token}
+  policy     {policy}
 
   curl -H 'Authorization: Bearer {settings.admin_token}' {base}/accounts/{DEMO_ACCOUNT}
   curl -H 'Authorization: Bearer {settings.admin_token}' -H 'Content-Type: application/json' \\
@@ -127,11 +136,15 @@ quota dev is running (Ctrl-C stops everything)
             "type":"quota.account.recharged","subject":"{DEMO_ACCOUNT}",
             "data":{{"amount":500}}}}' {base}/events
 
+  curl -H 'Content-Type: application/json' \\
+       -d '{{"authorization":"Bearer {DEMO_KEY}","model":"{DEMO_MODEL}",
+            "route":"/v1/chat/completions","client_ip":"127.0.0.1"}}' {policy}/authorize
+
   demo account {DEMO_ACCOUNT}, token {DEMO_TOKEN_ID}, API key {DEMO_KEY}
 """,
         flush=True,
     )
-    await task
+    await asyncio.gather(ledger_task, policy_task)
 
 
 async def _wait_for_account(pool: asyncpg.Pool, account_id: str, timeout: float) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.dev import DEMO_KEY
 from services.infra.broker import free_port
 from services.settings import Settings
 from tests.builders import wait_for
@@ -28,7 +29,7 @@ def test_ledger_refuses_to_start_without_an_admin_token() -> None:
 
 @pytest.mark.timeout(120)
 async def test_dev_migrates_seeds_and_serves(settings: Settings, tmp_path: Path) -> None:
-    port = free_port()
+    port, policy_port = free_port(), free_port()
     env = {
         **os.environ,
         "QUOTA_DATABASE_URL": settings.database_url,
@@ -40,7 +41,10 @@ async def test_dev_migrates_seeds_and_serves(settings: Settings, tmp_path: Path)
     log = tmp_path / "dev.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [QUOTA, "dev", "--ledger-port", str(port)], env=env, stdout=output, stderr=output
+            [QUOTA, "dev", "--ledger-port", str(port), "--policy-port", str(policy_port)],
+            env=env,
+            stdout=output,
+            stderr=output,
         )
     try:
         await wait_for(
@@ -52,8 +56,22 @@ async def test_dev_migrates_seeds_and_serves(settings: Settings, tmp_path: Path)
             account = await client.get(
                 "/accounts/acct_demo", headers={"Authorization": "Bearer dev-admin-token"}
             )
-        assert account.status_code == 200
-        assert account.json()["balance"] == 1_000_000
+            assert account.status_code == 200
+            assert account.json()["balance"] == 1_000_000
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{policy_port}") as client:
+
+            async def policy_caught_up() -> bool:
+                ready = await client.get("/readyz")
+                return ready.status_code == 200 and ready.json()["position"] >= 5
+
+            await wait_for(policy_caught_up, timeout=30, what="policy snapshot")
+            decision = await client.post(
+                "/authorize",
+                json={"authorization": f"Bearer {DEMO_KEY}", "model": "gpt-4o-mini",
+                      "route": "/v1/chat/completions", "client_ip": "127.0.0.1"},
+            )  # fmt: skip
+        assert decision.status_code == 200, decision.text
+        assert decision.json()["account_id"] == "acct_demo"
         assert "sk-quota-demo" not in text.split("quota dev is running")[0]
     finally:
         process.terminate()
