@@ -18,8 +18,8 @@ from services.infra.postgres import find_or_start_postgres, with_database
 from services.ledger import repository as repo
 from services.ledger.app import create_app, publish
 from services.logs import configure_logging
-from services.policy.app import create_app as create_policy_app
 from services.migrate import upgrade
+from services.policy.app import create_app as create_policy_app
 from services.settings import DEV_ADMIN_TOKEN, Settings, asyncpg_dsn
 
 DEMO_ACCOUNT = "acct_demo"
