@@ -3,6 +3,9 @@ real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import uuid
 from typing import Any
 
 import asyncpg
@@ -172,3 +175,41 @@ async def test_a_suspension_reaches_the_next_decision_after_the_ledger_commits_i
     assert after.status_code == 403
     assert after.json()["error"]["reason"] == "account_suspended"
     assert after.json()["position"] == len(setup) + 1
+
+
+@pytest.mark.timeout(120)
+async def test_a_redis_limit_is_shared_by_two_policy_processes(
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
+) -> None:
+    account = f"acct_{uuid.uuid4().hex[:8]}"
+    key = f"sk-shared-{uuid.uuid4().hex}"
+    limit = 5
+    setup = [
+        cloud_event("quota.model.registered", "catalog", {"model": "gpt-4o", "kind": "chat"}),
+        cloud_event("quota.channel.registered", "catalog",
+                    {"channel_id": 1, "models": ["gpt-4o"], "groups": ["default"]}),
+        recharge(account, 100),
+        token_issued(account, f"tok_{account}", key),
+        cloud_event("quota.account.rate_limit_set", account,
+                    {"model": "*", "requests": limit, "window_seconds": 3600}),
+    ]  # fmt: skip
+    redis_url = os.environ.get("QUOTA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    policies = [
+        quota_processes.start("policy", f"policy-{i}", redis_url=redis_url) for i in range(2)
+    ]
+    async with running_ledger(settings) as (_, ledger):
+        await ledger.post("/events", json=setup, headers=AUTH)
+        await wait_for_position(pool, len(setup))
+        for policy in policies:
+            await quota_processes.wait_ready(policy, len(setup))
+        clients = [httpx.AsyncClient(base_url=p.url) for p in policies]
+        try:
+            answers = await asyncio.gather(
+                *(clients[i % 2].post("/authorize", json=ask(key)) for i in range(4 * limit))
+            )
+        finally:
+            for client in clients:
+                await client.aclose()
+    statuses = [answer.status_code for answer in answers]
+    assert statuses.count(200) == limit
+    assert statuses.count(429) == 3 * limit
