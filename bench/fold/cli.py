@@ -278,7 +278,8 @@ def _result(
         "raw": raw.as_dict(),
         "fold": {
             **fold.timeline.as_dict(),
-            "failed_batches": fold.failed_batches,
+            "batches_without_progress": fold.failed_batches,
+            "stale_records_refetched": fold.stale_records,
             "consumer_start_seconds": fold.consumer_started,
         },
         "ratio": ratio,
@@ -315,24 +316,44 @@ def _print(result: dict[str, Any]) -> None:
         ("python", m["python"]),
         ("postgresql", f"{m['postgresql']} ({m['postgresql_kind']})"),
         ("broker", m["broker"]),
-        ("events", f"{w['events']:,} usage_recorded, {w['accounts']:,} accounts, "
-                   f"{w['partitions']} partitions"),
-        ("fold settings", f"batch_max_records={s['batch_max_records']}, "
-                          f"batch_timeout_ms={s['batch_timeout_ms']}"
-                          + (", under cProfile" if s["profiled"] else "")),
-        ("raw events/s", f"{report.rate(raw['events_per_second_post_join'])}   "
-                         f"(incl. group join: {report.rate(raw['events_per_second_e2e'])}; "
-                         f"join {raw['join_seconds'] or 0:.2f}s)"),
-        ("fold events/s", f"{report.rate(fold['events_per_second_post_join'])}   "
-                          f"(incl. group join: {report.rate(fold['events_per_second_e2e'])}; "
-                          f"from 1st commit: {report.rate(fold['events_per_second_steady'])}; "
-                          f"join {fold['join_seconds'] or 0:.2f}s)"),
-        ("ratio fold/raw", f"{result['ratio']:.3f}x   (incl. group join: "
-                           f"{result['ratio_e2e']:.3f}x)"),
+        (
+            "events",
+            f"{w['events']:,} usage_recorded, {w['accounts']:,} accounts, "
+            f"{w['partitions']} partitions",
+        ),
+        (
+            "fold settings",
+            f"batch_max_records={s['batch_max_records']}, "
+            f"batch_timeout_ms={s['batch_timeout_ms']}"
+            + (", under cProfile" if s["profiled"] else ""),
+        ),
+        (
+            "raw events/s",
+            f"{report.rate(raw['events_per_second_post_join'])}   "
+            f"(incl. group join: {report.rate(raw['events_per_second_e2e'])}; "
+            f"join {raw['join_seconds'] or 0:.2f}s)",
+        ),
+        (
+            "fold events/s",
+            f"{report.rate(fold['events_per_second_post_join'])}   "
+            f"(incl. group join: {report.rate(fold['events_per_second_e2e'])}; "
+            f"from 1st commit: {report.rate(fold['events_per_second_steady'])}; "
+            f"join {fold['join_seconds'] or 0:.2f}s)",
+        ),
+        (
+            "ratio fold/raw",
+            f"{result['ratio']:.3f}x   (incl. group join: {result['ratio_e2e']:.3f}x)",
+        ),
         ("target", f"{result['target']:.2f}x"),
         ("result", "PASS" if result["pass"] else "MISS"),
         ("correctness", correctness),
-    ]  # fmt: skip
+    ]
+    if fold["stale_records_refetched"]:
+        rows.insert(
+            -4,
+            ("fold refetch", f"{fold['stale_records_refetched']:,} already-applied records "
+                             "fetched again and skipped"),
+        )  # fmt: skip
     print()
     print(report.table(rows, title="bench.fold (rates exclude consumer-group join time)"))
     text = result["_text"]

@@ -184,6 +184,7 @@ class TimedLedgerConsumer(LedgerConsumer):
         self.timeline = Timeline(time.perf_counter())
         self.done = asyncio.Event()
         self.failed_batches = 0
+        self.stale_records = 0
 
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         await super().on_assigned(assigned)
@@ -193,6 +194,11 @@ class TimedLedgerConsumer(LedgerConsumer):
     async def _process(self, consumer: AIOKafkaConsumer, batches: dict[Any, Any]) -> None:
         before = self.position
         timer = self.timer
+        for tp, messages in batches.items():
+            owned = self.owned.get(tp)
+            if owned is not None and messages and messages[0].offset < owned.next_offset:
+                # Records the consumer already applied, fetched again (and skipped by it).
+                self.stale_records += sum(1 for m in messages if m.offset < owned.next_offset)
         started = time.perf_counter()
         if self.timeline.first_started is None:
             self.timeline.first_started = started
@@ -228,6 +234,7 @@ class FoldRun:
     timeline: Timeline
     consumer_started: float | None
     failed_batches: int
+    stale_records: int
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -273,7 +280,7 @@ async def run_fold(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-    return FoldRun(ledger.timeline, consumer_started, ledger.failed_batches)
+    return FoldRun(ledger.timeline, consumer_started, ledger.failed_batches, ledger.stale_records)
 
 
 # --- correctness -------------------------------------------------------------------------------

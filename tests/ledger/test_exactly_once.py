@@ -447,6 +447,7 @@ async def test_a_ledger_joining_mid_stream_takes_partitions_without_double_apply
 
     await wait_for(split, timeout=60, what="ledger b to take partitions from a")
     at_split = (await head(pool)).position
+    print("AT_SPLIT", at_split, work.unique)
     assert at_split < work.unique, "the stream was applied before the rebalance"
 
     await wait_until_applied(pool, settings, ledgers, work.unique, ends)
