@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
 import uvicorn
+from fastapi import FastAPI
 
 from services.logs import configure_logging
 from services.settings import Settings
@@ -26,6 +28,14 @@ def migrate() -> None:
     typer.echo("database is at the newest schema")
 
 
+def _serve(create_app: Callable[[Settings], FastAPI], host: str, port: int) -> None:
+    """A production process: settings from the environment, secrets checked, one server."""
+    settings = Settings()
+    settings.check_secrets()
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+
+
 @app.command()
 def ledger(
     host: Host = "127.0.0.1",
@@ -34,10 +44,7 @@ def ledger(
     """Consume the event topic into PostgreSQL and serve the ledger API."""
     from services.ledger.app import create_app
 
-    settings = Settings()
-    settings.check_secrets()
-    configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+    _serve(create_app, host, port)
 
 
 @app.command()
@@ -48,10 +55,7 @@ def policy(
     """Answer /authorize from an in-memory snapshot kept fresh by the ledger."""
     from services.policy.app import create_app
 
-    settings = Settings()
-    settings.check_secrets()
-    configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+    _serve(create_app, host, port)
 
 
 @app.command()

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import asyncpg
 import pytest
@@ -29,8 +24,8 @@ from services.ledger import repository as repo
 from services.ledger.chain import GENESIS_HASH, chain_hash
 from services.settings import Settings
 from tests.builders import recharge, structured, usage, wait_for
+from tests.processes import QuotaProcess, QuotaProcesses
 
-QUOTA = Path(sys.executable).parent / "quota"
 ACCOUNTS = 200
 
 # --------------------------------------------------------------------------- the workload
@@ -113,119 +108,28 @@ async def produce_records(
 # --------------------------------------------------------------------------- ledger processes
 
 
-@dataclass(slots=True)
-class LedgerProcess:
-    name: str
-    port: int
-    log_path: Path
-    process: subprocess.Popen[bytes]
-    log: IO[bytes]
-    killed: bool = False
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def sigkill(self) -> None:
-        self.killed = True
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def owner(self) -> str | None:
-        """The consumer's owner id, from its `consumer started` log line."""
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and entry.get("event") == "consumer started":
-                owner = entry.get("owner")
-                return owner if isinstance(owner, str) else None
-        return None
+def consumer_owner(ledger: QuotaProcess) -> str | None:
+    """The consumer's owner id (as in `consumer_offsets.owner`), from its start log line."""
+    for line in ledger.log_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == "consumer started":
+            owner = entry.get("owner")
+            return owner if isinstance(owner, str) else None
+    return None
 
 
-class Ledgers:
-    """Starts `quota ledger` processes for one test and cleans up after it."""
+async def wait_for_owner(fleet: QuotaProcesses, ledger: QuotaProcess) -> str:
+    async def started() -> bool:
+        fleet.check_alive()
+        return consumer_owner(ledger) is not None
 
-    def __init__(self, settings: Settings, tmp_path: Path) -> None:
-        self.settings = settings
-        self.tmp_path = tmp_path
-        self.processes: list[LedgerProcess] = []
-
-    def env(self, settings: Settings) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTA_")}
-        for name, value in settings.model_dump().items():
-            env[f"QUOTA_{name.upper()}"] = str(value)
-        return env
-
-    def start(self, name: str, **overrides: Any) -> LedgerProcess:
-        from services.infra.broker import free_port
-
-        settings = self.settings.model_copy(update=overrides)
-        port = free_port()
-        log_path = self.tmp_path / f"{name}.log"
-        log = open(log_path, "ab")  # noqa: SIM115 (closed in close())
-        process = subprocess.Popen(
-            [str(QUOTA), "ledger", "--host", "127.0.0.1", "--port", str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env(settings),
-            start_new_session=True,
-        )
-        ledger = LedgerProcess(name, port, log_path, process, log)
-        self.processes.append(ledger)
-        return ledger
-
-    def check_alive(self) -> None:
-        """Fail at once, with its log, if a ledger we did not kill has exited."""
-        for ledger in self.processes:
-            if not ledger.killed and not ledger.alive():
-                raise AssertionError(
-                    f"ledger {ledger.name} exited with {ledger.process.returncode}:\n"
-                    + ledger.log_path.read_text(errors="replace")[-20_000:]
-                )
-
-    async def wait_for_owner(self, ledger: LedgerProcess) -> str:
-        async def started() -> bool:
-            self.check_alive()
-            return ledger.owner() is not None
-
-        await wait_for(started, timeout=30, what=f"ledger {ledger.name} to start consuming")
-        owner = ledger.owner()
-        assert owner is not None
-        return owner
-
-    def close(self) -> None:
-        for ledger in self.processes:
-            if ledger.alive():
-                ledger.process.terminate()
-        for ledger in self.processes:
-            try:
-                ledger.process.wait(10)
-            except subprocess.TimeoutExpired:
-                ledger.process.kill()
-                ledger.process.wait(10)
-            ledger.log.close()
-
-    def print_logs(self) -> None:
-        for ledger in self.processes:
-            text = ledger.log_path.read_text(errors="replace")
-            print(f"===== ledger {ledger.name} (exit {ledger.process.returncode}) =====")
-            print(text[-50_000:])
-
-
-@pytest.fixture
-def ledgers(
-    settings: Settings, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[Ledgers]:
-    failed_before = request.session.testsfailed
-    fleet = Ledgers(settings, tmp_path)
-    try:
-        yield fleet
-    finally:
-        fleet.close()
-        if request.session.testsfailed > failed_before:
-            fleet.print_logs()
+    await wait_for(started, timeout=30, what=f"ledger {ledger.name} to start consuming")
+    owner = consumer_owner(ledger)
+    assert owner is not None
+    return owner
 
 
 # --------------------------------------------------------------------------- the invariants
@@ -244,7 +148,7 @@ async def offsets(pool: asyncpg.Pool, settings: Settings) -> dict[int, int]:
 async def wait_until_applied(
     pool: asyncpg.Pool,
     settings: Settings,
-    fleet: Ledgers,
+    fleet: QuotaProcesses,
     unique: int,
     ends: dict[int, int],
 ) -> None:
@@ -307,17 +211,17 @@ async def assert_exactly_once(
 
 # --------------------------------------------------------------------------- the tests
 
-#: Whether another session (a ledger's batch) has a transaction open in this database.
+#: Whether a ledger is inside a batch transaction (its only multi-statement transaction).
 OPEN_TRANSACTIONS = """
     SELECT count(*) > 0 FROM pg_stat_activity
-    WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
-      AND backend_type = 'client backend'
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+      AND state = 'idle in transaction'
 """
 
 
 @pytest.mark.timeout(240)
 async def test_sigkill_mid_stream_applies_every_event_once(
-    settings: Settings, pool: asyncpg.Pool, ledgers: Ledgers
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
 ) -> None:
     work = Workload(random.Random(20261124))
     records = work.events(50_000, duplicates=500)
@@ -325,10 +229,10 @@ async def test_sigkill_mid_stream_applies_every_event_once(
     assert sum(ends.values()) == len(records)
     assert len(ends) == 4, "the keys should spread over every partition"
 
-    first = ledgers.start("first", batch_max_records=1_000)
+    first = quota_processes.start("ledger", "first", batch_max_records=1_000)
 
     async def a_third_applied_and_a_batch_open() -> bool:
-        ledgers.check_alive()
+        quota_processes.check_alive()
         if (await head(pool)).position < work.unique // 3:
             return False
         async with pool.acquire() as conn:
@@ -343,27 +247,27 @@ async def test_sigkill_mid_stream_applies_every_event_once(
     at_kill = (await head(pool)).position
     assert at_kill < work.unique, "the ledger finished before it could be killed mid-stream"
 
-    ledgers.start("second", batch_max_records=1_000)
-    await wait_until_applied(pool, settings, ledgers, work.unique, ends)
+    quota_processes.start("ledger", "second", batch_max_records=1_000)
+    await wait_until_applied(pool, settings, quota_processes, work.unique, ends)
     await assert_exactly_once(pool, settings, work, ends)
 
 
 @pytest.mark.timeout(240)
 async def test_two_ledgers_in_one_group_split_partitions_and_apply_each_event_once(
-    settings: Settings, pool: asyncpg.Pool, ledgers: Ledgers
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
 ) -> None:
     work = Workload(random.Random(7))
-    a = ledgers.start("a", batch_max_records=500)
-    b = ledgers.start("b", batch_max_records=500)
-    owner_a = await ledgers.wait_for_owner(a)
-    owner_b = await ledgers.wait_for_owner(b)
+    a = quota_processes.start("ledger", "a", batch_max_records=500)
+    b = quota_processes.start("ledger", "b", batch_max_records=500)
+    owner_a = await wait_for_owner(quota_processes, a)
+    owner_b = await wait_for_owner(quota_processes, b)
 
     ends = await produce_records(
         settings.kafka_bootstrap, settings.topic, work.events(10_000, duplicates=100, prefix="one")
     )
 
     async def split() -> bool:
-        ledgers.check_alive()
+        quota_processes.check_alive()
         async with pool.acquire() as conn:
             owners = await conn.fetch(
                 "SELECT DISTINCT owner FROM consumer_offsets WHERE group_id = $1",
@@ -372,7 +276,7 @@ async def test_two_ledgers_in_one_group_split_partitions_and_apply_each_event_on
         return {row["owner"] for row in owners} == {owner_a, owner_b}
 
     await wait_for(split, timeout=60, what="both ledgers to own partitions")
-    await wait_until_applied(pool, settings, ledgers, work.unique, ends)
+    await wait_until_applied(pool, settings, quota_processes, work.unique, ends)
     await assert_exactly_once(pool, settings, work, ends)
 
     async with pool.acquire() as conn:
@@ -393,7 +297,7 @@ async def test_two_ledgers_in_one_group_split_partitions_and_apply_each_event_on
     ends = {p: max(ends.get(p, 0), more.get(p, 0)) for p in ends.keys() | more.keys()}
 
     async def taken_over() -> bool:
-        ledgers.check_alive()
+        quota_processes.check_alive()
         async with pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT owner FROM consumer_offsets WHERE group_id = $1", settings.consumer_group
@@ -401,7 +305,7 @@ async def test_two_ledgers_in_one_group_split_partitions_and_apply_each_event_on
         return len(rows) == 4 and {row["owner"] for row in rows} == {owner_b}
 
     await wait_for(taken_over, timeout=90, what="ledger b to take over every partition")
-    await wait_until_applied(pool, settings, ledgers, work.unique, ends)
+    await wait_until_applied(pool, settings, quota_processes, work.unique, ends)
     await assert_exactly_once(pool, settings, work, ends)
 
     async with pool.acquire() as conn:
@@ -419,25 +323,25 @@ async def test_two_ledgers_in_one_group_split_partitions_and_apply_each_event_on
 
 @pytest.mark.timeout(240)
 async def test_a_ledger_joining_mid_stream_takes_partitions_without_double_applying(
-    settings: Settings, pool: asyncpg.Pool, ledgers: Ledgers
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
 ) -> None:
     work = Workload(random.Random(99))
     ends = await produce_records(
         settings.kafka_bootstrap, settings.topic, work.events(40_000, duplicates=400)
     )
-    a = ledgers.start("a", batch_max_records=500)
-    owner_a = await ledgers.wait_for_owner(a)
+    a = quota_processes.start("ledger", "a", batch_max_records=500)
+    owner_a = await wait_for_owner(quota_processes, a)
 
     async def started_applying() -> bool:
-        ledgers.check_alive()
+        quota_processes.check_alive()
         return (await head(pool)).position >= 1_000
 
     await wait_for(started_applying, timeout=60, what="ledger a to start applying")
-    b = ledgers.start("b", batch_max_records=500)
-    owner_b = await ledgers.wait_for_owner(b)
+    b = quota_processes.start("ledger", "b", batch_max_records=500)
+    owner_b = await wait_for_owner(quota_processes, b)
 
     async def split() -> bool:
-        ledgers.check_alive()
+        quota_processes.check_alive()
         async with pool.acquire() as conn:
             owners = await conn.fetch(
                 "SELECT DISTINCT owner FROM consumer_offsets WHERE group_id = $1",
@@ -447,10 +351,9 @@ async def test_a_ledger_joining_mid_stream_takes_partitions_without_double_apply
 
     await wait_for(split, timeout=60, what="ledger b to take partitions from a")
     at_split = (await head(pool)).position
-    print("AT_SPLIT", at_split, work.unique)
     assert at_split < work.unique, "the stream was applied before the rebalance"
 
-    await wait_until_applied(pool, settings, ledgers, work.unique, ends)
+    await wait_until_applied(pool, settings, quota_processes, work.unique, ends)
     await assert_exactly_once(pool, settings, work, ends)
 
 
