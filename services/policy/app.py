@@ -218,12 +218,6 @@ def _routes(app: FastAPI) -> None:
         decision = await authorize_request(policy, parsed, gate)
         return JSONResponse(decision.body, status_code=decision.status, headers=decision.headers)
 
-    @app.api_route(
-        "/authorize/forward",
-        methods=["GET", "POST"],
-        tags=["authorize"],
-        responses={200: {"description": "Allowed"}, **DENIED_RESPONSES},
-    )
     async def forward(
         request: Request,
         x_quota_service_token: Annotated[str | None, Header()] = None,
@@ -255,6 +249,16 @@ def _routes(app: FastAPI) -> None:
             decision.body, status_code=decision.status, headers=decision.headers
         )
         return _for_nginx(request, response)
+
+    for method in ("GET", "POST"):
+        app.add_api_route(
+            "/authorize/forward",
+            forward,
+            methods=[method],
+            tags=["authorize"],
+            operation_id=f"authorize_forward_{method.lower()}",
+            responses={200: {"description": "Allowed"}, **DENIED_RESPONSES},
+        )
 
 
 def _for_nginx(request: Request, response: JSONResponse) -> Response:
