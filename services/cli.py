@@ -58,6 +58,29 @@ def policy(
     _serve(create_app, host, port)
 
 
+@app.command("verify")
+def verify_command() -> None:
+    """Check the hash chain and every projection against a re-fold; non-zero exit if not ok."""
+    import asyncio
+    import json
+
+    from services.ledger.audit import verify
+    from services.ledger.repository import create_pool
+    from services.settings import asyncpg_dsn
+
+    async def run() -> dict[str, object]:
+        pool = await create_pool(asyncpg_dsn(Settings().database_url), max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                return (await verify(conn)).as_json()
+        finally:
+            await pool.close()
+
+    report = asyncio.run(run())
+    typer.echo(json.dumps(report, indent=2))
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
 @app.command()
 def dev(
     host: Host = "127.0.0.1",

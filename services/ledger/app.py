@@ -24,6 +24,7 @@ from services.contract.cloudevent import Rejection, decode_http_object, encode_s
 from services.contract.events import Event
 from services.infra.topics import ensure_topic
 from services.ledger import repository as repo
+from services.ledger.audit import verify
 from services.ledger.consumer import LedgerConsumer
 from services.settings import Settings, asyncpg_dsn
 
@@ -177,6 +178,13 @@ def _routes(app: FastAPI) -> None:
             rows = await repo.list_rejected(conn, limit, after)
         items = [_rejected_item(row) for row in rows]
         return {"items": items, "next": rows[-1]["id"] if len(rows) == limit else None}
+
+    @app.get("/audit/verify", dependencies=[Admin], tags=["audit"])
+    async def audit_verify(ledger: LedgerDep) -> dict[str, Any]:
+        """Recompute the hash chain, re-fold the history, compare every projection row."""
+        async with ledger.pool.acquire() as conn:
+            report = await verify(conn)
+        return report.as_json()
 
     @app.post(
         "/events",
