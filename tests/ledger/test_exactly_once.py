@@ -358,6 +358,73 @@ async def test_a_ledger_joining_mid_stream_takes_partitions_without_double_apply
 
 
 @pytest.mark.timeout(240)
+async def test_a_fenced_ledger_drops_stolen_partitions_and_a_rebalance_recovers_them(
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
+) -> None:
+    """Another owner claims two partitions under a running ledger: its next batch is fenced
+    and rolled back, it goes on with the partitions it still owns and applies nothing more
+    from the stolen ones, and the next rebalance gives them back and everything is applied."""
+    work = Workload(random.Random(4242))
+    ends = await produce_records(
+        settings.kafka_bootstrap, settings.topic, work.events(30_000, duplicates=300)
+    )
+    a = quota_processes.start("ledger", "a", batch_max_records=500)
+    await wait_for_owner(quota_processes, a)
+
+    async def under_way() -> bool:
+        quota_processes.check_alive()
+        return (await head(pool)).position >= 3_000
+
+    await wait_for(under_way, timeout=60, what="ledger a to be under way")
+    stolen = [0, 1]
+    kept = [2, 3]
+    async with pool.acquire() as conn:
+        claims = await repo.claim_partitions(
+            conn, settings.consumer_group, settings.topic, stolen, "thief"
+        )
+    stolen_at = {p: claims[p].next_offset or 0 for p in stolen}
+    assert all(stolen_at[p] < ends[p] for p in stolen), "nothing left to steal"
+
+    async def fenced_and_kept_going() -> bool:
+        quota_processes.check_alive()
+        if "offset commit fenced" not in a.log_text():
+            return False
+        stored = await offsets(pool, settings)
+        return all(stored[p] == ends[p] for p in kept)
+
+    await wait_for(fenced_and_kept_going, timeout=60, what="a fence, then the kept partitions")
+    async with pool.acquire() as conn:
+        late = await conn.fetchval(
+            """
+            SELECT count(*) FROM event_store
+            WHERE (partition = $1 AND kafka_offset >= $2) OR (partition = $3 AND kafka_offset >= $4)
+            """,
+            stolen[0],
+            stolen_at[stolen[0]],
+            stolen[1],
+            stolen_at[stolen[1]],
+        )
+        rows = await conn.fetch(
+            """
+            SELECT partition, next_offset, owner FROM consumer_offsets
+            WHERE group_id = $1 AND partition = ANY($2::int[])
+            """,
+            settings.consumer_group,
+            stolen,
+        )
+    assert late == 0, "a fenced ledger applied events from partitions it no longer owns"
+    assert {r["partition"]: (r["next_offset"], r["owner"]) for r in rows} == {
+        p: (claims[p].next_offset if claims[p].next_offset is not None else -1, "thief")
+        for p in stolen
+    }
+    assert (await head(pool)).position < work.unique
+
+    quota_processes.start("ledger", "b", batch_max_records=500)
+    await wait_until_applied(pool, settings, quota_processes, work.unique, ends)
+    await assert_exactly_once(pool, settings, work, ends)
+
+
+@pytest.mark.timeout(240)
 async def test_a_stale_epoch_is_fenced_and_its_batch_leaves_nothing_behind(
     database_url: str, pool: asyncpg.Pool
 ) -> None:
