@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hmac
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,9 +14,8 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.contract.cloudevent import Rejection, decode_http_object, encode_structured
@@ -26,28 +24,13 @@ from services.infra.topics import ensure_topic
 from services.ledger import repository as repo
 from services.ledger.audit import verify
 from services.ledger.consumer import LedgerConsumer
+from services.ledger.deps import Admin, Ledger, LedgerDep
 from services.settings import Settings, asyncpg_dsn
 
 log = structlog.get_logger("quota.ledger.http")
 
 MAX_EVENTS_BODY_BYTES = 4 * 1024 * 1024
 MAX_EVENTS_PER_REQUEST = 10_000
-
-
-class Ledger:
-    """What the lifespan builds and the routes use."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        pool: asyncpg.Pool,
-        producer: AIOKafkaProducer,
-        consumer: LedgerConsumer | None,
-    ) -> None:
-        self.settings = settings
-        self.pool = pool
-        self.producer = producer
-        self.consumer = consumer
 
 
 def create_app(settings: Settings, *, run_consumer: bool = True) -> FastAPI:
@@ -96,34 +79,6 @@ async def heartbeat(pool: asyncpg.Pool, interval: float) -> None:
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             log.warning("heartbeat failed", error=str(exc))
         await asyncio.sleep(interval)
-
-
-def _ledger(request: Request) -> Ledger:
-    ledger: Ledger = request.app.state.ledger
-    return ledger
-
-
-LedgerDep = Annotated[Ledger, Depends(_ledger)]
-_bearer = HTTPBearer(auto_error=False)
-
-
-def require_admin(
-    ledger: LedgerDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """401 without a bearer token, 403 with a wrong one."""
-    if credentials is None or not credentials.credentials:
-        raise HTTPException(
-            status_code=401,
-            detail="admin bearer token required",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    expected = ledger.settings.admin_token.encode()
-    if not expected or not hmac.compare_digest(credentials.credentials.encode(), expected):
-        raise HTTPException(status_code=403, detail="wrong admin token")
-
-
-Admin = Depends(require_admin)
 
 
 def _routes(app: FastAPI) -> None:
