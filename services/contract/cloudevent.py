@@ -6,13 +6,15 @@ reasons and checks what the SDK cannot know: the type, the subject and the data.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import orjson
 from cloudevents.core.base import BaseCloudEvent
-from cloudevents.core.bindings.kafka import KafkaMessage, from_binary, from_structured
+from cloudevents.core.bindings.kafka import KafkaMessage, from_binary
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
@@ -45,8 +47,16 @@ class Rejection(Exception):
 
 
 def canonical_json(value: Any) -> bytes:
-    """The one serialisation that is hashed: sorted keys, no spaces, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The one serialisation that is hashed: sorted keys, no spaces, UTF-8.
+
+    orjson writes exactly what `json.dumps(sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)` writes, ten times faster; the standard library takes the values orjson
+    refuses (integers beyond 64 bits in free-form fields).
+    """
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def format_time(value: datetime) -> str:
@@ -77,10 +87,7 @@ def decode_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> E
         if binary:
             cloud_event = from_binary(KafkaMessage(header_map, None, value or b""), _FORMAT)
         else:
-            # Key is left out: the SDK would rebuild the event to add it as `partitionkey`.
-            cloud_event = from_structured(
-                KafkaMessage(header_map, None, value or b""), _FORMAT, CloudEvent
-            )
+            cloud_event = _from_attributes(orjson.loads(value or b""))
     except UnicodeDecodeError as exc:
         raise Rejection(INVALID_JSON, f"not UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
@@ -95,13 +102,31 @@ def decode_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> E
 
 def decode_http_object(obj: Any) -> Event:
     """Decode one event given as a parsed JSON value (`POST /events`)."""
-    if not isinstance(obj, Mapping):
-        raise Rejection(NOT_CLOUDEVENT, "an event must be a JSON object")
     try:
-        cloud_event = _FORMAT.read(CloudEvent, json.dumps(obj))
+        cloud_event = _from_attributes(obj)
     except (BaseCloudEventException, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise Rejection(NOT_CLOUDEVENT, _describe(exc)) from exc
     return to_event(cloud_event)
+
+
+def _from_attributes(parsed: Any) -> BaseCloudEvent:
+    """A structured-mode event (already parsed JSON) as the SDK's CloudEvent.
+
+    This is the SDK's JSON format reading, with the standard library's RFC 3339 parser in
+    place of dateutil's (several times faster on the ledger's hot path); the SDK's event
+    class still validates every attribute.
+    """
+    if not isinstance(parsed, Mapping):
+        raise Rejection(NOT_CLOUDEVENT, "an event must be a JSON object")
+    attributes = dict(parsed)
+    data = attributes.pop("data", None)
+    encoded = attributes.pop("data_base64", None)
+    if data is None and isinstance(encoded, str):
+        data = base64.b64decode(encoded)
+    time = attributes.get("time")
+    if isinstance(time, str):
+        attributes["time"] = datetime.fromisoformat(time)
+    return CloudEvent(attributes, data)
 
 
 def to_event(cloud_event: BaseCloudEvent) -> Event:

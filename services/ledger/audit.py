@@ -213,16 +213,32 @@ def compare_states(expected: State, found: State) -> list[dict[str, Any]]:
     return differences
 
 
+async def refold_history(
+    conn: asyncpg.Connection,
+    page_size: int = PAGE_SIZE,
+    on_page: Callable[[int], None] | None = None,
+) -> _Walk:
+    """Check the chain and re-fold every stored event, in the caller's transaction.
+
+    The one reference re-fold, shared by `verify` and replay's pure path; `on_page` is told
+    how many rows each page held (for progress bars).
+    """
+    walk = _Walk()
+    while True:
+        rows = await conn.fetch(_EVENT_QUERY, walk.last_position, page_size)
+        if not rows:
+            break
+        pending = [p for p in (_check_row(walk, row) for row in rows) if p is not None]
+        _refold(walk, pending)
+        if on_page is not None:
+            on_page(len(rows))
+    return walk
+
+
 async def verify(conn: asyncpg.Connection, page_size: int = PAGE_SIZE) -> VerifyReport:
     """Check the hash chain and re-fold the whole history against the projections."""
-    walk = _Walk()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        while True:
-            rows = await conn.fetch(_EVENT_QUERY, walk.last_position, page_size)
-            if not rows:
-                break
-            pending = [p for p in (_check_row(walk, row) for row in rows) if p is not None]
-            _refold(walk, pending)
+        walk = await refold_history(conn, page_size)
         stored = await repo.load_all(conn)
         head = await repo.read_head(conn)
     walk.differences.extend(compare_states(walk.state, stored))

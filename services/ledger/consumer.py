@@ -71,10 +71,7 @@ class LedgerConsumer:
         log.info("consumer started", topic=self.settings.topic, owner=self.owner)
         try:
             while not self._stopping:
-                batches = await consumer.getmany(
-                    timeout_ms=self.settings.batch_timeout_ms,
-                    max_records=self.settings.batch_max_records,
-                )
+                batches = await self._poll(consumer)
                 if not batches:
                     continue
                 async with self._batch_lock:
@@ -82,6 +79,27 @@ class LedgerConsumer:
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()
+
+    async def _poll(
+        self, consumer: AIOKafkaConsumer
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """One batch: wait for records, then take what else is already fetched, up to the cap.
+
+        Bigger transactions amortise the commit; an idle topic still commits at once.
+        """
+        limit = self.settings.batch_max_records
+        batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = await consumer.getmany(
+            timeout_ms=self.settings.batch_timeout_ms, max_records=limit
+        )
+        total = sum(len(records) for records in batches.values())
+        while batches and total < limit:
+            more = await consumer.getmany(timeout_ms=0, max_records=limit - total)
+            if not more:
+                break
+            for tp, records in more.items():
+                batches.setdefault(tp, []).extend(records)
+                total += len(records)
+        return batches
 
     async def stop(self) -> None:
         self._stopping = True

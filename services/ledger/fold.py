@@ -191,8 +191,20 @@ def apply_event(state: State, changes: Changes, event: Event, position: int) -> 
         return None
     account = state.accounts.get(event.subject) or Account(account_id=event.subject)
     delta = balance_delta(event)
-    account = _apply_account(state, changes, account, event, delta, position)
-    state.accounts[account.account_id] = replace(account, position=position)
+    if delta is not None:
+        # The hot path (usage, recharges): build the row directly, no `replace`.
+        balance = account.balance + delta
+        if not -INT64_MAX <= balance <= INT64_MAX:
+            raise FoldError(f"balance of {account.account_id} would leave the int64 range")
+        account = Account(
+            account.account_id, balance, account.held, account.status, account.role,
+            account.group, position,
+        )  # fmt: skip
+    else:
+        account = replace(
+            _apply_account(state, changes, account, event, position), position=position
+        )
+    state.accounts[account.account_id] = account
     changes.accounts.add(account.account_id)
     return delta
 
@@ -202,15 +214,9 @@ def _apply_account(
     changes: Changes,
     account: Account,
     event: Event,
-    delta: int | None,
     position: int,
 ) -> Account:
     data = event.data
-    if delta is not None:
-        balance = account.balance + delta
-        if not -INT64_MAX <= balance <= INT64_MAX:
-            raise FoldError(f"balance of {account.account_id} would leave the int64 range")
-        return replace(account, balance=balance)
     match event.type, data:
         case "quota.account.opened", ev.AccountOpened():
             role = data.role if "role" in event.raw_data else account.role

@@ -22,7 +22,16 @@ from services.contract.cloudevent import (
     decode_kafka,
     event_content,
 )
-from services.contract.events import ACCOUNT_EVENTS, Event
+from services.contract.events import (
+    ACCOUNT_EVENTS,
+    ChannelProviderRateLimited,
+    ChannelRef,
+    ChannelRegistered,
+    Event,
+    TokenIssued,
+    TokenRevoked,
+    TokenUpdated,
+)
 from services.ledger import repository as repo
 from services.ledger.chain import chain_hash, payload_hash
 from services.ledger.fold import Changes, fold
@@ -210,18 +219,16 @@ def notify_payload(position: int, changes: Changes) -> dict[str, Any]:
 def _keys(events: Sequence[Event]) -> repo.StateKeys:
     keys = repo.StateKeys(set(), set(), set(), set(), set())
     for event in events:
-        data: Any = event.data
+        data = event.data
         if event.type in ACCOUNT_EVENTS:
             keys.accounts.add(event.subject)
-        token_id = getattr(data, "token_id", None)
-        if isinstance(token_id, str) and event.type.startswith("quota.token."):
-            keys.tokens.add(token_id)
-        key_sha256 = getattr(data, "key_sha256", None)
-        if isinstance(key_sha256, str):
-            keys.token_keys.add(key_sha256.lower())
-        channel_id = getattr(data, "channel_id", None)
-        if isinstance(channel_id, int):
-            keys.channels.add(channel_id)
+        if isinstance(data, TokenIssued):
+            keys.tokens.add(data.token_id)
+            keys.token_keys.add(data.key_sha256.lower())
+        elif isinstance(data, TokenUpdated | TokenRevoked):
+            keys.tokens.add(data.token_id)
+        elif isinstance(data, ChannelRegistered | ChannelRef | ChannelProviderRateLimited):
+            keys.channels.add(data.channel_id)
     return keys
 
 

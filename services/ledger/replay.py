@@ -1,0 +1,597 @@
+"""Replay: rebuild every projection from history, or (`check`) only report how they differ.
+
+Sources
+    * the event store (default), in position order;
+    * the Kafka topic (`from_kafka`), read from the beginning of every partition to the end
+      offsets taken at start by a fresh consumer that commits nothing. Records are decoded with
+      `decode_kafka` and screened like ingest (`ingest.screen`: duplicates dropped, reused ids
+      with other content rejected). Kafka only orders records within a partition; producers key
+      by subject, so one account's events (and all catalog events, subject `catalog`) share a
+      partition and keep their order. Partitions are merged by record timestamp (ties by
+      partition, offset) and folded with the pure `fold`; only cross-account effects (a token
+      key used twice) could depend on that merge. Each applied event is then given the position
+      the event store holds for the same id, so the rows' `position` columns mean what they mean
+      for the ledger; Kafka events missing from the store, stored events missing from Kafka and
+      ids whose content differs are named as `kafka.*` differences.
+
+Folding the store fast (the default)
+    Money events (`MONEY_DELTAS`: a balance change and nothing else) are folded in SQL:
+    balance = SUM(delta) and last position = MAX(position) per subject, the delta read from the
+    hashed payload. Every other event (status/role/group, tokens, rate limits, catalog, and any
+    type added later) goes through the pure `apply_event` at its stored position, decoded
+    straight from the canonical payload (`json.loads` + the pydantic model: it was validated at
+    ingest). The two are merged per account. `accelerated=False` uses the reference re-fold
+    shared with verify (`audit.refold_history`) instead; tests hold both to the same result.
+    The hash chain is checked in SQL (content hashes, links, positions) in the same snapshot.
+
+Writing
+    The replayed state is written with `repository.write_changes` into a scratch schema whose
+    tables are `LIKE <live> INCLUDING ALL` copies of `PROJECTION_TABLES` (a new projection table
+    needs one line there). Then one transaction takes the `ledger_head` row lock (so no ledger
+    batch interleaves), folds any events appended since the snapshot into the scratch tables,
+    compares with the live rows, TRUNCATEs the live tables and `INSERT ... SELECT`s the scratch
+    ones, NOTIFYs listeners to reload everything, and drops the scratch schema. Readers see the
+    old projections or the new ones, never a mix. A history with chain or consistency
+    differences is reported and not swapped in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+
+from services.contract.cloudevent import Rejection
+from services.contract.events import EVENT_TYPES, INT64_MAX, Event
+from services.ledger import audit, ingest
+from services.ledger import repository as repo
+from services.ledger.chain import GENESIS_HASH, chain_hash, payload_hash
+from services.ledger.fold import Account, Changes, FoldError, State, apply_event, fold
+
+#: Every projection table replay rebuilds (and swaps in). A new projection: one line here.
+PROJECTION_TABLES: Final[tuple[str, ...]] = (
+    "accounts",
+    "tokens",
+    "channels",
+    "models",
+    "route_policies",
+    "rate_limits",
+)
+
+_AMOUNT: Final = "(p #>> '{data,amount}')::numeric"
+
+#: Event types whose only effect is on their subject's balance -> the SQL of that change, over
+#: `p`, the stored payload as jsonb. Must agree with `fold.balance_delta` (tests check it).
+MONEY_DELTAS: Final[dict[str, str]] = {
+    "quota.account.recharged": _AMOUNT,
+    "quota.account.refunded": _AMOUNT,
+    "quota.account.usage_recorded": f"-{_AMOUNT}",
+    "quota.account.adjusted": "(p #>> '{data,delta}')::numeric",
+}
+
+#: Non-money rows decoded per fetch; also the progress bar's step.
+PAGE_SIZE: Final = 10_000
+
+#: Show a progress bar from this many events on (when stderr is a terminal).
+PROGRESS_THRESHOLD: Final = 50_000
+
+Progress = Callable[[int], None]
+
+
+def _no_progress(_: int) -> None:
+    return None
+
+
+@dataclass(slots=True)
+class History:
+    """A re-folded history: the state, where it ends and what did not add up on the way."""
+
+    state: State
+    position: int
+    head_hash: str
+    events: int
+    differences: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    source: str
+    check: bool
+    events: int
+    position: int
+    head_hash: str
+    history_differences: list[dict[str, Any]]
+    differences: list[dict[str, Any]]
+    replaced: bool
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.history_differences and not self.differences
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "source": self.source,
+            "mode": "check" if self.check else "rebuild",
+            "events": self.events,
+            "position": self.position,
+            "head_hash": self.head_hash,
+            "replaced": self.replaced,
+            "seconds": round(self.seconds, 3),
+            "history_differences": self.history_differences,
+            "differences": self.differences,
+        }
+
+
+# --- the chain, in SQL --------------------------------------------------------------------------
+
+_CHAIN_QUERY: Final = """
+    WITH c AS (
+        SELECT position, prev_hash, hash, content_hash,
+               lag(hash, 1, $1::text) OVER w AS want_prev,
+               lag(position, 1, 0::bigint) OVER w AS prev_position,
+               encode(sha256(convert_to(payload, 'UTF8')), 'hex') AS digest
+        FROM event_store WHERE position <= $2
+        WINDOW w AS (ORDER BY position)
+    ), d AS (
+        SELECT *, encode(sha256(convert_to(want_prev || ':' || position || ':' || digest,
+                                           'UTF8')), 'hex') AS want_hash
+        FROM c
+    )
+    SELECT * FROM d
+    WHERE position <> prev_position + 1 OR prev_hash <> want_prev OR content_hash <> digest
+       OR hash <> want_hash
+    ORDER BY position
+"""
+
+
+async def check_chain(conn: asyncpg.Connection, upto: int) -> list[dict[str, Any]]:
+    """Differences in the hash chain up to `upto`, named as verify names them."""
+    out: list[dict[str, Any]] = []
+    for row in await conn.fetch(_CHAIN_QUERY, GENESIS_HASH, upto):
+        where = f"position {row['position']}"
+        if row["position"] != row["prev_position"] + 1:
+            out.append(_diff("event_store.position", where, row["prev_position"] + 1,
+                             row["position"]))  # fmt: skip
+        if row["prev_hash"] != row["want_prev"]:
+            out.append(_diff("event_store.prev_hash", where, row["want_prev"], row["prev_hash"]))
+        if row["content_hash"] != row["digest"]:
+            out.append(_diff("event_store.content_hash", where, row["digest"],
+                             row["content_hash"]))  # fmt: skip
+        if row["hash"] != row["want_hash"]:
+            out.append(_diff("event_store.hash", where, row["want_hash"], row["hash"]))
+    return out
+
+
+def _diff(what: str, row: str, expected: Any, found: Any) -> dict[str, Any]:
+    return audit._difference(what, row, expected, found)
+
+
+# --- the store, fast ----------------------------------------------------------------------------
+
+
+def _money_query() -> str:
+    cases = " ".join(f"WHEN '{t}' THEN {sql}" for t, sql in MONEY_DELTAS.items())
+    return f"""
+        WITH m AS (
+            SELECT position, type, subject, balance_delta, p,
+                   CASE p ->> 'type' {cases} END AS delta
+            FROM (SELECT position, type, subject, balance_delta, payload::jsonb AS p
+                  FROM event_store WHERE position <= $1 AND type = ANY($2::text[])) AS s
+        )
+        SELECT subject, sum(delta) AS balance, max(position) AS position,
+               count(*) AS events,
+               array_agg(position ORDER BY position) FILTER (
+                   WHERE p ->> 'type' IS DISTINCT FROM type
+                      OR p ->> 'subject' IS DISTINCT FROM subject
+                      OR delta IS DISTINCT FROM balance_delta) AS bad
+        FROM m GROUP BY subject
+    """
+
+
+_OTHER_QUERY: Final = """
+    SELECT position, type, subject, payload FROM event_store
+    WHERE position <= $1 AND type <> ALL($2::text[]) ORDER BY position
+"""
+
+
+def fast_decode(payload: str) -> Event:
+    """The event stored as `payload`, without the CloudEvents SDK (it was checked at ingest)."""
+    obj = json.loads(payload)
+    model = EVENT_TYPES.get(obj.get("type")) if isinstance(obj, dict) else None
+    raw = obj.get("data") if isinstance(obj, dict) else None
+    if model is None or not isinstance(raw, dict):
+        return audit.decode_payload(payload)  # the reference decoder names the problem
+    stamp = obj.get("time")
+    return Event(
+        id=obj["id"],
+        source=obj["source"],
+        type=obj["type"],
+        subject=obj["subject"],
+        time=datetime.fromisoformat(stamp) if stamp is not None else None,
+        data=model.model_validate(raw),
+        raw_data=raw,
+    )
+
+
+async def refold_store_fast(
+    conn: asyncpg.Connection, upto: int, progress: Progress = _no_progress
+) -> History:
+    """Re-fold the store up to position `upto` (in the caller's snapshot): money in SQL, the
+    rest in Python; check the chain in SQL."""
+    differences = await check_chain(conn, upto)
+    money_types = list(MONEY_DELTAS)
+    events = 0
+    money = await conn.fetch(_money_query(), upto, money_types)
+    for row in money:
+        events += row["events"]
+        for position in row["bad"] or ():
+            differences.append(_diff("event_store.payload", f"position {position}",
+                                     "type, subject and balance_delta as in the payload",
+                                     "columns disagree with the payload"))  # fmt: skip
+    progress(events)
+    state = State()
+    changes = Changes()
+    pending = 0
+    async for row in conn.cursor(_OTHER_QUERY, upto, money_types, prefetch=PAGE_SIZE):
+        events += 1
+        pending += 1
+        if pending == PAGE_SIZE:
+            progress(pending)
+            pending = 0
+        _apply_stored(state, changes, differences, row)
+    progress(pending)
+    for row in money:
+        subject: str = row["subject"]
+        account = state.accounts.get(subject)
+        if account is None:
+            account = Account(subject, position=0)
+        balance = account.balance + int(row["balance"])
+        if not -INT64_MAX <= balance <= INT64_MAX:
+            differences.append(_diff("refold.rejected", f"account {subject}", "applied",
+                                     "balance leaves the int64 range"))  # fmt: skip
+        state.accounts[subject] = replace(
+            account, balance=balance, position=max(account.position, row["position"])
+        )
+    head_hash: str = await conn.fetchval(
+        "SELECT hash FROM event_store WHERE position = $1", upto
+    ) if upto else GENESIS_HASH
+    return History(state, upto, head_hash or GENESIS_HASH, events, differences)
+
+
+def _apply_stored(
+    state: State, changes: Changes, differences: list[dict[str, Any]], row: Any
+) -> None:
+    where = f"position {row['position']}"
+    try:
+        event = fast_decode(row["payload"])
+    except (Rejection, ValueError, KeyError) as exc:
+        differences.append(_diff("event_store.payload", where, "a decodable event", str(exc)))
+        return
+    for column, value in (("type", event.type), ("subject", event.subject)):
+        if row[column] != value:
+            differences.append(_diff(f"event_store.{column}", where, value, row[column]))
+    try:
+        apply_event(state, changes, event, row["position"])
+    except FoldError as exc:
+        differences.append(_diff("refold.rejected", where, "applied", str(exc)))
+
+
+async def refold_store(
+    conn: asyncpg.Connection, *, accelerated: bool = True, progress: Progress = _no_progress
+) -> History:
+    """Re-fold the whole store in the caller's (snapshot) transaction."""
+    head = await repo.read_head(conn)
+    if accelerated:
+        history = await refold_store_fast(conn, head.position, progress)
+    else:
+        walk = await audit.refold_history(conn, on_page=progress)
+        history = History(walk.state, walk.last_position, walk.last_hash, walk.checked,
+                          walk.differences)  # fmt: skip
+    _check_head(history, head)
+    return history
+
+
+def _check_head(history: History, head: repo.Head) -> None:
+    if head.position != history.position:
+        history.differences.append(_diff("ledger_head.position", "ledger_head",
+                                         history.position, head.position))  # fmt: skip
+    if head.hash != history.head_hash:
+        history.differences.append(_diff("ledger_head.hash", "ledger_head",
+                                         history.head_hash, head.hash))  # fmt: skip
+
+
+# --- Kafka --------------------------------------------------------------------------------------
+
+
+async def read_topic(bootstrap: str, topic: str) -> list[ingest.Incoming]:
+    """Every record of `topic`, from each partition's beginning to its end offset at start,
+    merged across partitions by timestamp (each partition's own order is kept)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = sorted(consumer.partitions_for_topic(topic) or ())
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends: dict[Any, int] = await consumer.end_offsets(tps)
+        per: dict[int, list[tuple[int, int, int, ingest.Incoming]]] = {p: [] for p in partitions}
+        remaining = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000, max_records=50_000)
+            for tp, records in batch.items():
+                for r in records:
+                    if r.offset >= ends[tp]:
+                        continue
+                    incoming = ingest.Incoming(
+                        r.topic, r.partition, r.offset, tuple(r.headers or ()), r.value
+                    )
+                    per[tp.partition].append((r.timestamp, r.partition, r.offset, incoming))
+            remaining = {tp for tp in remaining if await consumer.position(tp) < ends[tp]}
+    finally:
+        await consumer.stop()
+    return [item[3] for item in heapq.merge(*per.values(), key=lambda i: (i[0], i[1], i[2]))]
+
+
+async def refold_kafka(
+    conn: asyncpg.Connection, bootstrap: str, topic: str, progress: Progress = _no_progress
+) -> History:
+    """Fold the topic (see the module doc), positions taken from the store by event id; the
+    chain is checked too, in the caller's snapshot."""
+    head = await repo.read_head(conn)
+    records = await read_topic(bootstrap, topic)
+    screened = ingest.screen(ingest.decode_all(records), {})
+    result = fold(State(), [u.event for u in screened.unique], 1)
+    progress(len(records))
+    digests = {id(u.event): u.digest for u in screened.unique}
+    stored = {
+        row["event_id"]: (row["position"], row["content_hash"])
+        for row in await conn.fetch(
+            "SELECT event_id, position, content_hash FROM event_store WHERE position <= $1",
+            head.position,
+        )
+    }
+    differences = await check_chain(conn, head.position)
+    positions: dict[int, int] = {}
+    seen: set[str] = set()
+    for applied in result.applied:
+        event = applied.event
+        seen.add(event.id)
+        known = stored.get(event.id)
+        if known is None:
+            differences.append(_diff("kafka.unstored", event.id, "in the event store", None))
+            positions[applied.position] = 0
+            continue
+        positions[applied.position] = known[0]
+        if known[1] != digests[id(event)]:
+            differences.append(_diff("kafka.content_hash", event.id, known[1],
+                                     digests[id(event)]))  # fmt: skip
+    for event_id in sorted(stored.keys() - seen, key=lambda e: stored[e][0]):
+        differences.append(_diff("kafka.missing", f"position {stored[event_id][0]}",
+                                 event_id, None))  # fmt: skip
+    state = _renumber(result.state, positions)
+    head_hash: str = await conn.fetchval(
+        "SELECT hash FROM event_store WHERE position = $1", head.position
+    ) if head.position else GENESIS_HASH
+    history = History(state, head.position, head_hash or GENESIS_HASH, len(result.applied),
+                      differences)  # fmt: skip
+    _check_head(history, head)
+    return history
+
+
+def _renumber(state: State, positions: dict[int, int]) -> State:
+    """Every row's `position` mapped through `positions` (any table of the state)."""
+    out = state.copy()
+    for f in fields(out):
+        table = getattr(out, f.name)
+        for key, row in list(table.items()):
+            if is_dataclass(row) and hasattr(row, "position"):
+                table[key] = replace(row, position=positions.get(row.position, 0))  # type: ignore[type-var]
+    return out
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def _all_changes(state: State) -> Changes:
+    return Changes(
+        accounts=set(state.accounts),
+        tokens=set(state.tokens),
+        channels=set(state.channels),
+        models=set(state.models),
+        routes=set(state.routes),
+        rate_limits=set(state.rate_limits),
+    )
+
+
+async def _catch_up(
+    conn: asyncpg.Connection, history: History, upto: int
+) -> tuple[Changes, list[dict[str, Any]]]:
+    """Fold (and chain-check) events appended after the snapshot into `history.state`."""
+    changes = Changes()
+    differences: list[dict[str, Any]] = []
+    last_hash = history.head_hash
+    rows = await conn.fetch(
+        "SELECT position, type, subject, payload, prev_hash, hash FROM event_store"
+        " WHERE position > $1 AND position <= $2 ORDER BY position",
+        history.position,
+        upto,
+    )
+    for row in rows:
+        position: int = row["position"]
+        expected = chain_hash(last_hash, position, payload_hash(row["payload"].encode()))
+        if row["prev_hash"] != last_hash or row["hash"] != expected:
+            differences.append(_diff("event_store.hash", f"position {position}", expected,
+                                     row["hash"]))  # fmt: skip
+        last_hash = row["hash"]
+        _apply_stored(history.state, changes, differences, row)
+    history.events += len(rows)
+    history.position = upto
+    history.head_hash = last_hash
+    return changes, differences
+
+
+async def _search_path(conn: asyncpg.Connection, schema: str) -> None:
+    await conn.execute(f"SET LOCAL search_path TO {schema}")
+
+
+async def rebuild(
+    conn: asyncpg.Connection,
+    history: History,
+    tables: Sequence[str] = PROJECTION_TABLES,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Write `history.state` into scratch tables and swap them in (see the module doc).
+
+    Returns the differences between the replayed and the previous live projections, and
+    whether the swap happened (not when the history itself has differences).
+    """
+    live: str = await conn.fetchval("SELECT current_schema()")
+    scratch = f"quota_replay_{uuid.uuid4().hex[:12]}"
+    async with conn.transaction():
+        await conn.execute(f"CREATE SCHEMA {scratch}")
+        for table in tables:
+            await conn.execute(
+                f"CREATE TABLE {scratch}.{table} (LIKE {live}.{table} INCLUDING ALL)"
+            )
+        await _search_path(conn, scratch)
+        await repo.write_changes(conn, history.state, _all_changes(history.state))
+    try:
+        async with conn.transaction():
+            head = await repo.lock_head(conn)
+            if head.position != history.position:
+                changes, extra = await _catch_up(conn, history, head.position)
+                history.differences.extend(extra)
+                await _search_path(conn, scratch)
+                await repo.write_changes(conn, history.state, changes)
+                await _search_path(conn, live)
+            _check_head_after_lock(history, head)
+            differences = audit.compare_states(history.state, await repo.load_all(conn))
+            if history.differences:
+                return differences, False
+            listed = ", ".join(f"{live}.{t}" for t in tables)
+            await conn.execute(f"TRUNCATE {listed}")
+            for table in tables:
+                await conn.execute(f"INSERT INTO {live}.{table} SELECT * FROM {scratch}.{table}")
+            await repo.notify_changes(conn, {"position": head.position, "all": True})
+            return differences, True
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {scratch} CASCADE")
+
+
+def _check_head_after_lock(history: History, head: repo.Head) -> None:
+    if head.hash != history.head_hash:
+        history.differences.append(_diff("ledger_head.hash", "ledger_head",
+                                         history.head_hash, head.hash))  # fmt: skip
+
+
+# --- the whole run ------------------------------------------------------------------------------
+
+
+async def replay(
+    conn: asyncpg.Connection,
+    *,
+    check: bool,
+    from_kafka: bool = False,
+    kafka_bootstrap: str = "",
+    topic: str = "",
+    accelerated: bool = True,
+    progress: Progress = _no_progress,
+) -> ReplayReport:
+    """Re-fold history and either compare (`check`) or rebuild the projections."""
+    started = time.perf_counter()
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        if from_kafka:
+            history = await refold_kafka(conn, kafka_bootstrap, topic, progress)
+        else:
+            history = await refold_store(conn, accelerated=accelerated, progress=progress)
+        if check:
+            differences = audit.compare_states(history.state, await repo.load_all(conn))
+    replaced = False
+    if not check:
+        differences, replaced = await rebuild(conn, history)
+    return ReplayReport(
+        source="kafka" if from_kafka else "store",
+        check=check,
+        events=history.events,
+        position=history.position,
+        head_hash=history.head_hash,
+        history_differences=history.differences,
+        differences=differences,
+        replaced=replaced,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@contextmanager
+def progress_bar(total: int, enabled: bool) -> Iterator[Progress]:
+    """A rich progress bar on stderr for long runs; a no-op otherwise."""
+    if not enabled or total < PROGRESS_THRESHOLD:
+        yield _no_progress
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task("replaying", total=total)
+    with bar:
+        yield lambda n: bar.advance(task, n)
+
+
+def replay_command(check: bool, from_kafka: bool) -> int:
+    """`quota replay [--check] [--from-kafka]`: 0 when no difference, 1 otherwise.
+
+    Prints the report as JSON on stdout (`head_hash` included). A rebuild that repaired
+    differences still exits 1 (it reports what it repaired); the next run exits 0.
+    """
+    from services.settings import Settings, asyncpg_dsn
+
+    settings = Settings()
+
+    async def run() -> ReplayReport:
+        conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
+        try:
+            await repo.init_connection(conn)
+            total = (await repo.read_head(conn)).position
+            with progress_bar(total, sys.stderr.isatty()) as progress:
+                return await replay(
+                    conn,
+                    check=check,
+                    from_kafka=from_kafka,
+                    kafka_bootstrap=settings.kafka_bootstrap,
+                    topic=settings.topic,
+                    progress=progress,
+                )
+        finally:
+            await conn.close()
+
+    report = asyncio.run(run())
+    print(json.dumps(report.as_json(), indent=2))
+    print(f"head hash {report.head_hash} at position {report.position}", file=sys.stderr)
+    return 0 if report.ok else 1

@@ -1,0 +1,79 @@
+"""The ledger's admin page: `/ui` and its static assets (served without auth; the page sends
+the admin token it is given as a bearer token), and the account search it uses."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import Response
+
+from services.ledger.deps import Admin, LedgerDep
+
+router = APIRouter()
+
+#: The page's files, by the name they are served under; nothing else in the folder is served.
+ASSETS = {
+    "app.js": "text/javascript; charset=utf-8",
+    "chart.js": "text/javascript; charset=utf-8",
+    "ui.css": "text/css; charset=utf-8",
+}
+
+# Everything comes from this origin: the page works offline and injected markup cannot load code.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+MAX_SEARCH_RESULTS = 100
+
+
+def _static(name: str) -> bytes:
+    return resources.files("services.ledger").joinpath("ui_static", name).read_bytes()
+
+
+@router.get("/ui", tags=["ui"], include_in_schema=False)
+async def ui_page() -> Response:
+    """The admin page (no auth: it holds no data until the token is entered)."""
+    return Response(_static("index.html"), media_type="text/html; charset=utf-8",
+                    headers=SECURITY_HEADERS)  # fmt: skip
+
+
+@router.get("/ui/static/{name}", tags=["ui"], include_in_schema=False)
+async def ui_asset(name: str) -> Response:
+    media_type = ASSETS.get(name)
+    if media_type is None:
+        raise HTTPException(status_code=404, detail="no such asset")
+    return Response(_static(name), media_type=media_type, headers=SECURITY_HEADERS)
+
+
+@router.get("/accounts", dependencies=[Admin], tags=["accounts"])
+async def search_accounts(
+    ledger: LedgerDep,
+    prefix: Annotated[str, Query(max_length=200, description="account ids starting with")] = "",
+    limit: Annotated[int, Query(ge=1, le=MAX_SEARCH_RESULTS)] = 20,
+) -> dict[str, Any]:
+    """Accounts whose id starts with `prefix`, ordered by id."""
+    async with ledger.pool.acquire() as conn:
+        rows = await conn.fetch(
+            """
+            SELECT account_id, balance, status FROM accounts
+            WHERE starts_with(account_id, $1)
+            ORDER BY account_id
+            LIMIT $2
+            """,
+            prefix,
+            limit,
+        )
+    return {
+        "items": [
+            {"account_id": row["account_id"], "balance": row["balance"], "status": row["status"]}
+            for row in rows
+        ]
+    }
