@@ -148,6 +148,43 @@ def ensure_nginx() -> None:
     print(f"installed Debian's nginx package ({time.monotonic() - started:.1f}s)")
 
 
+CHROMIUM_PACKAGES = ("chromium", "chromium-driver")
+
+
+def ensure_chromium() -> None:
+    """tests/ledger/test_ui.py drives the admin page in Debian's headless Chromium through
+    chromedriver: install both packages when either is missing.
+
+    Only as root with apt-get; otherwise, or when the install fails, print a warning and go on
+    (that test then fails, saying Chromium is missing).
+    """
+    if Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists():
+        return
+    consequence = "tests/ledger/test_ui.py will fail"
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        print(f"warning: chromium is missing and only root with apt-get installs it; {consequence}")
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    started = time.monotonic()
+    for args in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *CHROMIUM_PACKAGES],
+    ):
+        command = " ".join(args)
+        try:
+            done = subprocess.run(
+                args, env=env, capture_output=True, text=True, timeout=900, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            print(f"warning: `{command}` failed ({exc}); {consequence}")
+            return
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"warning: `{command}` exited {done.returncode} ({last}); {consequence}")
+            return
+    print(f"installed Debian's chromium and chromium-driver ({time.monotonic() - started:.1f}s)")
+
+
 def _has_python(path: Path) -> bool:
     """mypy refuses (exit 2) a directory argument holding no .py files: skip those."""
     if path.is_file():
@@ -177,6 +214,7 @@ def main(pytest_args: list[str]) -> int:
         step(f"mypy {' '.join(mypy_targets)}", [python, "-m", "mypy", *mypy_targets])
         header("infrastructure")
         ensure_nginx()
+        ensure_chromium()
         with contextlib.ExitStack() as stack:
             started = time.monotonic()
             try:

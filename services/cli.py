@@ -82,6 +82,23 @@ def verify_command() -> None:
 
 
 @app.command()
+def statement(
+    account: str,
+    since: Annotated[
+        str | None, typer.Option(help="RFC 3339 time or position (inclusive).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="RFC 3339 time or position (exclusive).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json or csv.")] = "json",
+) -> None:
+    """Print an account's statement with running balances."""
+    from services.ledger.statement_cli import statement_command
+
+    raise typer.Exit(statement_command(account, since, until, fmt))
+
+
+@app.command()
 def dev(
     host: Host = "127.0.0.1",
     ledger_port: Annotated[int, typer.Option(help="Ledger port.")] = 8080,

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     max_staleness_seconds: float = Field(default=10.0, gt=0)
     fail_open: bool = False
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
+    reservation_ttl_seconds: float = Field(default=300.0, gt=0)
     log_level: str = "INFO"
     log_json: bool = True
     dev_mode: bool = False

@@ -168,6 +168,39 @@ class RoutePolicySet(EventData):
     min_role: Role
 
 
+class ReservationHeld(EventData):
+    """The service held `amount` of the account's available quota until `expires_at`."""
+
+    reservation_id: Name
+    amount: Amount
+    expires_at: AwareDatetime
+    request_id: Name | None = None
+    actor: StrictStr
+
+
+class ReservationSettled(EventData):
+    """A usage named the hold: the hold ends; the usage itself debits `actual`."""
+
+    reservation_id: Name
+    usage_event_id: Name
+    actual: NonNegativeAmount
+    actor: StrictStr
+
+
+class ReservationEnded(EventData):
+    """`released` (by a caller) and `expired` (at its TTL) share this shape."""
+
+    reservation_id: Name
+    actor: StrictStr
+
+
+RESERVATION_EVENTS: Final[dict[str, type[EventData]]] = {
+    "quota.reservation.held": ReservationHeld,
+    "quota.reservation.settled": ReservationSettled,
+    "quota.reservation.released": ReservationEnded,
+    "quota.reservation.expired": ReservationEnded,
+}
+
 ACCOUNT_EVENTS: Final[dict[str, type[EventData]]] = {
     "quota.account.opened": AccountOpened,
     "quota.account.recharged": AccountRecharged,
@@ -183,6 +216,7 @@ ACCOUNT_EVENTS: Final[dict[str, type[EventData]]] = {
     "quota.token.issued": TokenIssued,
     "quota.token.updated": TokenUpdated,
     "quota.token.revoked": TokenRevoked,
+    **RESERVATION_EVENTS,
 }
 
 CATALOG_EVENTS: Final[dict[str, type[EventData]]] = {

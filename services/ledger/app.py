@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.contract.cloudevent import Rejection, decode_http_object, encode_structured
 from services.contract.events import Event
 from services.infra.topics import ensure_topic
+from services.ledger import audit_api, ui
 from services.ledger import repository as repo
 from services.ledger.audit import verify
 from services.ledger.consumer import LedgerConsumer
@@ -66,6 +67,8 @@ def create_app(settings: Settings, *, run_consumer: bool = True) -> FastAPI:
         description="Folds CloudEvents from Kafka into PostgreSQL exactly once; audit reads.",
     )
     _routes(app)
+    app.include_router(audit_api.router)
+    app.include_router(ui.router)
     return app
 
 

@@ -210,6 +210,7 @@ def compare_states(expected: State, found: State) -> list[dict[str, Any]]:
         found.rate_limits,
         lambda key: f"{key[0]}/{key[1]}",
     )
+    _compare_table(differences, "reservations", expected.reservations, found.reservations, str)
     return differences
 
 

@@ -79,6 +79,29 @@ class RateLimit:
     position: int
 
 
+HELD: Final = "held"
+SETTLED: Final = "settled"
+RELEASED: Final = "released"
+EXPIRED: Final = "expired"
+
+#: Where derived events (written by the ledger itself, not received) say they come from.
+LEDGER_SOURCE: Final = "quota/ledger"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    reservation_id: str
+    account_id: str
+    amount: int
+    request_id: str | None
+    state: str
+    expires_at: datetime
+    held_position: int
+    ended_position: int | None = None
+    settled_amount: int | None = None
+    ended_by: str | None = None
+
+
 @dataclass(slots=True)
 class State:
     """The projections, or the part of them a batch needs. Keys are the tables' primary keys."""
@@ -89,6 +112,7 @@ class State:
     models: dict[str, ModelSpec] = field(default_factory=dict)
     routes: dict[str, RoutePolicy] = field(default_factory=dict)
     rate_limits: dict[tuple[str, str], RateLimit] = field(default_factory=dict)
+    reservations: dict[str, Reservation] = field(default_factory=dict)
     #: key_sha256 -> token_id for every known token (revoked ones too: a key is never reused).
     token_keys: dict[str, str] = field(default_factory=dict)
 
@@ -100,6 +124,7 @@ class State:
             models=dict(self.models),
             routes=dict(self.routes),
             rate_limits=dict(self.rate_limits),
+            reservations=dict(self.reservations),
             token_keys=dict(self.token_keys),
         )
 
@@ -114,6 +139,7 @@ class Changes:
     models: set[str] = field(default_factory=set)
     routes: set[str] = field(default_factory=set)
     rate_limits: set[tuple[str, str]] = field(default_factory=set)
+    reservations: set[str] = field(default_factory=set)
 
     @property
     def catalog(self) -> bool:
@@ -145,11 +171,15 @@ class FoldError(Exception):
     """The event is well-formed but cannot be applied to this state (e.g. an unknown token)."""
 
 
-def fold(state: State, events: Iterable[Event], first_position: int) -> FoldResult:
+def fold(
+    state: State, events: Iterable[Event], first_position: int, *, derive: bool = False
+) -> FoldResult:
     """Apply `events` in order to a copy of `state`.
 
     Applied events get consecutive positions from `first_position`; rejected ones get none,
-    so positions stay gap-free.
+    so positions stay gap-free. With `derive` (the live ledger), a usage that names a held
+    reservation is followed by a `quota.reservation.settled` event the fold writes itself;
+    replaying stored history does not derive, since those events are already in it.
     """
     new_state = state.copy()
     changes = Changes()
@@ -164,7 +194,39 @@ def fold(state: State, events: Iterable[Event], first_position: int) -> FoldResu
             continue
         applied.append(Applied(position, event, delta))
         position += 1
+        settled = settlement(new_state, event) if derive else None
+        if settled is not None:
+            apply_event(new_state, changes, settled, position)
+            applied.append(Applied(position, settled, None))
+            position += 1
     return FoldResult(new_state, applied, rejected, changes)
+
+
+def settlement(state: State, event: Event) -> Event | None:
+    """The `settled` event a usage derives, when it names a reservation that is still held."""
+    data = event.data
+    if not isinstance(data, ev.AccountUsageRecorded) or data.reservation_id is None:
+        return None
+    reservation = state.reservations.get(data.reservation_id)
+    if reservation is None or reservation.state != HELD:
+        return None
+    if reservation.account_id != event.subject:
+        return None
+    raw = {
+        "reservation_id": reservation.reservation_id,
+        "usage_event_id": event.id,
+        "actual": data.amount,
+        "actor": f"usage:{event.id}",
+    }
+    return Event(
+        id=f"{event.id}:settled",
+        source=LEDGER_SOURCE,
+        type="quota.reservation.settled",
+        subject=event.subject,
+        time=event.time,
+        data=ev.ReservationSettled.model_validate(raw),
+        raw_data=raw,
+    )
 
 
 def balance_delta(event: Event) -> int | None:
@@ -268,8 +330,73 @@ def _apply_account(
             state.tokens[token.token_id] = replace(token, revoked=True, position=position)
             changes.tokens.add(token.token_id)
             return account
+        case _, ev.ReservationHeld():
+            return _hold(state, changes, account, data, position)
+        case _, ev.ReservationSettled():
+            return _end_hold(state, changes, account, data.reservation_id, SETTLED, position,
+                             data.actor, settled_amount=data.actual)  # fmt: skip
+        case "quota.reservation.released", ev.ReservationEnded():
+            return _end_hold(state, changes, account, data.reservation_id, RELEASED, position,
+                             data.actor)  # fmt: skip
+        case "quota.reservation.expired", ev.ReservationEnded():
+            return _end_hold(state, changes, account, data.reservation_id, EXPIRED, position,
+                             data.actor)  # fmt: skip
         case _:
             raise FoldError(f"event type {event.type} has no account fold")
+
+
+def _hold(
+    state: State, changes: Changes, account: Account, data: ev.ReservationHeld, position: int
+) -> Account:
+    """Hold quota: never more than is available, so no interleaving can overdraw."""
+    if data.reservation_id in state.reservations:
+        raise FoldError(f"reservation {data.reservation_id} already exists")
+    available = account.balance - account.held
+    if available <= 0 or data.amount > available:
+        raise FoldError(
+            f"insufficient available quota on {account.account_id}: "
+            f"{available} available, {data.amount} asked"
+        )
+    state.reservations[data.reservation_id] = Reservation(
+        reservation_id=data.reservation_id,
+        account_id=account.account_id,
+        amount=data.amount,
+        request_id=data.request_id,
+        state=HELD,
+        expires_at=data.expires_at,
+        held_position=position,
+    )
+    changes.reservations.add(data.reservation_id)
+    return replace(account, held=account.held + data.amount)
+
+
+def _end_hold(
+    state: State,
+    changes: Changes,
+    account: Account,
+    reservation_id: str,
+    end: str,
+    position: int,
+    actor: str,
+    settled_amount: int | None = None,
+) -> Account:
+    """A hold ends exactly once: settled, released or expired."""
+    reservation = state.reservations.get(reservation_id)
+    if reservation is None or reservation.account_id != account.account_id:
+        raise FoldError(
+            f"reservation {reservation_id} is not a reservation of {account.account_id}"
+        )
+    if reservation.state != HELD:
+        raise FoldError(f"reservation {reservation_id} is already {reservation.state}")
+    state.reservations[reservation_id] = replace(
+        reservation,
+        state=end,
+        ended_position=position,
+        settled_amount=settled_amount,
+        ended_by=actor,
+    )
+    changes.reservations.add(reservation_id)
+    return replace(account, held=account.held - reservation.amount)
 
 
 def _issue_token(state: State, account: Account, data: ev.TokenIssued, position: int) -> None:

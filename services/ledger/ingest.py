@@ -24,17 +24,21 @@ from services.contract.cloudevent import (
 )
 from services.contract.events import (
     ACCOUNT_EVENTS,
+    AccountUsageRecorded,
     ChannelProviderRateLimited,
     ChannelRef,
     ChannelRegistered,
     Event,
+    ReservationEnded,
+    ReservationHeld,
+    ReservationSettled,
     TokenIssued,
     TokenRevoked,
     TokenUpdated,
 )
 from services.ledger import repository as repo
 from services.ledger.chain import chain_hash, payload_hash
-from services.ledger.fold import Changes, fold
+from services.ledger.fold import Changes, State, fold
 
 #: NOTIFY payloads are limited to 8000 bytes; past this many keys we say "reload everything".
 NOTIFY_MAX_KEYS: Final = 100
@@ -53,7 +57,7 @@ class Incoming:
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
-    record: Incoming
+    record: Incoming | None  # None for events the service wrote itself
     event: Event | None
     rejection: Rejection | None
 
@@ -148,20 +152,62 @@ async def apply_batch(
     result.duplicates = screened.duplicates
     for item, rejection in screened.rejected:
         reject(item, rejection)
-    to_fold = [(u.item, u.event, u.payload, u.digest) for u in screened.unique]
+    appended = await _fold_and_append(conn, head, screened.unique, received_at, derive=True)
+    for unique, reason in appended.rejected:
+        reject(unique.item, Rejection("bad_data", reason))
+    await repo.quarantine(conn, quarantined)
+    await repo.write_head(
+        conn, repo.Head(appended.position, appended.hash, head.duplicates + result.duplicates)
+    )
+    by_topic: dict[str, dict[int, tuple[int, int]]] = {}
+    for (topic, partition), value in commit_offsets.items():
+        by_topic.setdefault(topic, {})[partition] = value
+    for topic, offsets in by_topic.items():
+        await repo.commit_offsets(conn, group_id, topic, offsets)
+    if appended.count:
+        await repo.notify_changes(conn, notify_payload(appended.position, appended.changes))
+    result.applied = appended.count
+    result.position = appended.position
+    result.changes = appended.changes
+    return result
 
-    state = await repo.load_state(conn, _keys([event for _, event, _, _ in to_fold]))
-    outcome = fold(state, (event for _, event, _, _ in to_fold), head.position + 1)
-    by_event = {id(event): (item, payload, digest) for item, event, payload, digest in to_fold}
-    for rejected in outcome.rejected:
-        item, _, _ = by_event[id(rejected.event)]
-        reject(item, Rejection("bad_data", rejected.reason))
 
+@dataclass(slots=True)
+class Appended:
+    """What one fold-and-append wrote: the new head, the rows changed, what was refused."""
+
+    position: int
+    hash: str
+    count: int
+    state: State
+    changes: Changes
+    rejected: list[tuple[Unique, str]]
+
+
+async def _fold_and_append(
+    conn: asyncpg.Connection,
+    head: repo.Head,
+    unique: Sequence[Unique],
+    received_at: datetime,
+    *,
+    derive: bool,
+) -> Appended:
+    """Fold first-seen events onto the rows they touch, chain and store what applied."""
+    state = await repo.load_state(conn, _keys([u.event for u in unique]))
+    outcome = fold(state, (u.event for u in unique), head.position + 1, derive=derive)
+    by_event = {id(u.event): u for u in unique}
     records: list[repo.EventTuple] = []
     prev = head.hash
     for applied in outcome.applied:
-        item, payload, digest = by_event[id(applied.event)]
         event = applied.event
+        origin = by_event.get(id(event))
+        if origin is not None:
+            payload, digest = origin.payload, origin.digest
+            record = origin.item.record
+            source = (record.topic, record.partition, record.offset) if record else None
+        else:  # derived by the fold itself (a settlement)
+            payload = canonical_json(event_content(event))
+            digest, source = payload_hash(payload), None
         current = chain_hash(prev, applied.position, digest)
         records.append(
             (
@@ -177,29 +223,42 @@ async def apply_batch(
                 digest,
                 prev,
                 current,
-                item.record.topic,
-                item.record.partition,
-                item.record.offset,
+                *(source or (None, None, None)),
             )
         )
         prev = current
-
     await repo.append_events(conn, records)
     await repo.write_changes(conn, outcome.state, outcome.changes)
-    await repo.quarantine(conn, quarantined)
-    position = head.position + len(records)
-    await repo.write_head(conn, repo.Head(position, prev, head.duplicates + result.duplicates))
-    by_topic: dict[str, dict[int, tuple[int, int]]] = {}
-    for (topic, partition), value in commit_offsets.items():
-        by_topic.setdefault(topic, {})[partition] = value
-    for topic, offsets in by_topic.items():
-        await repo.commit_offsets(conn, group_id, topic, offsets)
-    if records:
-        await repo.notify_changes(conn, notify_payload(position, outcome.changes))
-    result.applied = len(records)
-    result.position = position
-    result.changes = outcome.changes
-    return result
+    rejected = [(by_event[id(r.event)], r.reason) for r in outcome.rejected]
+    return Appended(
+        head.position + len(records), prev, len(records), outcome.state, outcome.changes, rejected
+    )
+
+
+@dataclass(slots=True)
+class LocalResult:
+    """Events the service wrote itself: the state after them, and the refused ones' reasons."""
+
+    position: int
+    state: State
+    rejected: dict[str, str]
+
+
+async def append_local(conn: asyncpg.Connection, events: Sequence[Event]) -> LocalResult:
+    """Fold and store events the service emits itself (reservations), in the caller's
+    transaction, serialised with the consumer's batches by the head lock."""
+    received_at = datetime.now(UTC)
+    head = await repo.lock_head(conn)
+    unique = []
+    for event in events:
+        payload = canonical_json(event_content(event))
+        unique.append(Unique(Decoded(None, event, None), event, payload, payload_hash(payload)))
+    appended = await _fold_and_append(conn, head, unique, received_at, derive=False)
+    await repo.write_head(conn, repo.Head(appended.position, appended.hash, head.duplicates))
+    if appended.count:
+        await repo.notify_changes(conn, notify_payload(appended.position, appended.changes))
+    rejected = {u.event.id: reason for u, reason in appended.rejected}
+    return LocalResult(appended.position, appended.state, rejected)
 
 
 def notify_payload(position: int, changes: Changes) -> dict[str, Any]:
@@ -229,11 +288,15 @@ def _keys(events: Sequence[Event]) -> repo.StateKeys:
             keys.tokens.add(data.token_id)
         elif isinstance(data, ChannelRegistered | ChannelRef | ChannelProviderRateLimited):
             keys.channels.add(data.channel_id)
+        elif isinstance(data, AccountUsageRecorded | ReservationHeld | ReservationSettled
+                        | ReservationEnded) and data.reservation_id:  # fmt: skip
+            keys.reservations.add(data.reservation_id)
     return keys
 
 
 def _quarantined(item: Decoded, rejection: Rejection, received_at: datetime) -> repo.Quarantined:
     record = item.record
+    assert record is not None, "only received records are quarantined"
     return repo.Quarantined(
         reason=rejection.reason,
         code=rejection.code,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
@@ -16,6 +16,7 @@ from services.ledger.fold import (
     Channel,
     ModelSpec,
     RateLimit,
+    Reservation,
     RoutePolicy,
     State,
     Token,
@@ -181,6 +182,7 @@ class StateKeys:
     token_keys: set[str]
     channels: set[int]
     rate_limits: set[tuple[str, str]]
+    reservations: set[str] = field(default_factory=set)
 
 
 async def load_state(conn: asyncpg.Connection, keys: StateKeys) -> State:
@@ -213,6 +215,9 @@ async def load_state(conn: asyncpg.Connection, keys: StateKeys) -> State:
         ):
             channel = _channel(row)
             state.channels[channel.channel_id] = channel
+    if keys.reservations:
+        for reservation in await load_reservations(conn, sorted(keys.reservations)):
+            state.reservations[reservation.reservation_id] = reservation
     return state
 
 
@@ -238,6 +243,9 @@ async def load_all(conn: asyncpg.Connection) -> State:
             row["window_seconds"],
             row["position"],
         )
+    for row in await conn.fetch("SELECT * FROM reservations"):
+        reservation = _reservation(row)
+        state.reservations[reservation.reservation_id] = reservation
     return state
 
 
@@ -350,6 +358,85 @@ async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes
             await conn.executemany(
                 "DELETE FROM rate_limits WHERE account_id = $1 AND model = $2", removed
             )
+    if changes.reservations:
+        await conn.executemany(
+            """
+            INSERT INTO reservations (reservation_id, account_id, amount, request_id, state,
+                                      expires_at, held_position, ended_position,
+                                      settled_amount, ended_by)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            ON CONFLICT (reservation_id) DO UPDATE SET
+                state = EXCLUDED.state, ended_position = EXCLUDED.ended_position,
+                settled_amount = EXCLUDED.settled_amount, ended_by = EXCLUDED.ended_by
+            """,
+            [
+                (r.reservation_id, r.account_id, r.amount, r.request_id, r.state,
+                 r.expires_at, r.held_position, r.ended_position, r.settled_amount, r.ended_by)
+                for r in (state.reservations[key] for key in sorted(changes.reservations))
+            ],
+        )  # fmt: skip
+
+
+def _reservation(row: Mapping[str, Any]) -> Reservation:
+    return Reservation(
+        reservation_id=row["reservation_id"],
+        account_id=row["account_id"],
+        amount=row["amount"],
+        request_id=row["request_id"],
+        state=row["state"],
+        expires_at=row["expires_at"],
+        held_position=row["held_position"],
+        ended_position=row["ended_position"],
+        settled_amount=row["settled_amount"],
+        ended_by=row["ended_by"],
+    )
+
+
+async def load_reservations(
+    conn: asyncpg.Connection, reservation_ids: Sequence[str]
+) -> list[Reservation]:
+    rows = await conn.fetch(
+        "SELECT * FROM reservations WHERE reservation_id = ANY($1::text[])",
+        list(reservation_ids),
+    )
+    return [_reservation(row) for row in rows]
+
+
+async def get_reservation(conn: asyncpg.Connection, reservation_id: str) -> Reservation | None:
+    found = await load_reservations(conn, [reservation_id])
+    return found[0] if found else None
+
+
+async def find_active_reservation(
+    conn: asyncpg.Connection, account_id: str, request_id: str, now: datetime
+) -> Reservation | None:
+    """The held reservation of this request, if its TTL has not passed."""
+    row = await conn.fetchrow(
+        """
+        SELECT * FROM reservations
+        WHERE account_id = $1 AND request_id = $2 AND state = 'held' AND expires_at > $3
+        ORDER BY held_position DESC LIMIT 1
+        """,
+        account_id,
+        request_id,
+        now,
+    )
+    return _reservation(row) if row is not None else None
+
+
+async def due_reservations(
+    conn: asyncpg.Connection, now: datetime, limit: int
+) -> list[Reservation]:
+    """Held reservations whose TTL has passed (`expires_at <= now`), oldest first."""
+    rows = await conn.fetch(
+        """
+        SELECT * FROM reservations
+        WHERE state = 'held' AND expires_at <= $1 ORDER BY expires_at LIMIT $2
+        """,
+        now,
+        limit,
+    )
+    return [_reservation(row) for row in rows]
 
 
 async def notify_changes(conn: asyncpg.Connection, payload: Mapping[str, Any]) -> None:

@@ -178,3 +178,24 @@ class RateLimitRow(SQLModel, table=True):
     requests: int = Field(sa_column=Column(Integer, nullable=False))
     window_seconds: int = Field(sa_column=Column(Integer, nullable=False))
     position: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class ReservationRow(SQLModel, table=True):
+    """Holds on quota: `held` until settled by a usage, released, or expired at its TTL."""
+
+    __tablename__ = "reservations"
+    __table_args__ = (
+        Index("ix_reservations_account_request", "account_id", "request_id"),
+        Index("ix_reservations_state_expires", "state", "expires_at"),
+    )
+
+    reservation_id: str = Field(sa_column=Column(Text, primary_key=True))
+    account_id: str = Field(sa_column=Column(Text, nullable=False))
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    request_id: str | None = Field(default=None, sa_column=Column(Text))
+    state: str = Field(sa_column=Column(Text, nullable=False))
+    expires_at: datetime = Field(sa_column=_tz(nullable=False))
+    held_position: int = Field(sa_column=Column(BigInteger, nullable=False))
+    ended_position: int | None = Field(default=None, sa_column=Column(BigInteger))
+    settled_amount: int | None = Field(default=None, sa_column=Column(BigInteger))
+    ended_by: str | None = Field(default=None, sa_column=Column(Text))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 from collections.abc import AsyncIterator
@@ -23,7 +24,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import ValidationError
 
+from services.contract.cloudevent import format_time
+from services.ledger import repository as repo
+from services.ledger.fold import Account, Reservation
 from services.policy.decision import (
+    INSUFFICIENT_USER_QUOTA,
     RATE_LIMITED,
     AuthorizeRequest,
     Decision,
@@ -33,6 +38,7 @@ from services.policy.decision import (
     extract_key,
 )
 from services.policy.ratelimit import RateLimiter, build_rate_limiter
+from services.policy.reservations import HoldOutcome, Reservations
 from services.policy.snapshot_store import SnapshotStore
 from services.settings import Settings, asyncpg_dsn
 
@@ -47,10 +53,17 @@ REQUEST_TOO_LARGE: Final = "request_too_large"
 
 
 class Policy:
-    def __init__(self, settings: Settings, store: SnapshotStore, limiter: RateLimiter) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SnapshotStore,
+        limiter: RateLimiter,
+        reservations: Reservations,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.limiter = limiter
+        self.reservations = reservations
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -58,17 +71,23 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = SnapshotStore(asyncpg_dsn(settings.database_url))
+        dsn = asyncpg_dsn(settings.database_url)
+        store = SnapshotStore(dsn)
         limiter = build_rate_limiter(settings.redis_url)
-        task = asyncio.create_task(store.run())
-        app.state.policy = Policy(settings, store, limiter)
+        pool = await repo.create_pool(dsn, max_size=4)
+        reservations = Reservations(pool, settings.reservation_ttl_seconds)
+        tasks = [asyncio.create_task(store.run()), asyncio.create_task(reservations.run())]
+        app.state.policy = Policy(settings, store, limiter, reservations)
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await limiter.close()
+            await pool.close()
 
     app = FastAPI(
         title="quota policy",
@@ -90,20 +109,27 @@ def _error(status: int, reason: str, message: str, position: int, type_: str) ->
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _gate(policy: Policy, service_token: str | None) -> JSONResponse | Snapshot:
-    """Service authentication and freshness; the snapshot to decide from, or the refusal."""
-    settings = policy.settings
-    position = policy.store.position
-    if settings.service_token and not hmac.compare_digest(
-        (service_token or "").encode(), settings.service_token.encode()
-    ):
+def _service_refusal(policy: Policy, service_token: str | None) -> JSONResponse | None:
+    """401 when a service token is configured and the gateway did not send it."""
+    expected = policy.settings.service_token
+    if expected and not hmac.compare_digest((service_token or "").encode(), expected.encode()):
         return _error(
             401,
             SERVICE_TOKEN_INVALID,
             "Unauthorized – missing or wrong X-Quota-Service-Token.",
-            position,
+            policy.store.position,
             "authentication_error",
         )
+    return None
+
+
+def _gate(policy: Policy, service_token: str | None) -> JSONResponse | Snapshot:
+    """Service authentication and freshness; the snapshot to decide from, or the refusal."""
+    settings = policy.settings
+    position = policy.store.position
+    refused = _service_refusal(policy, service_token)
+    if refused is not None:
+        return refused
     snapshot = policy.store.snapshot
     if snapshot is None:
         return _error(
@@ -126,13 +152,36 @@ def _gate(policy: Policy, service_token: str | None) -> JSONResponse | Snapshot:
 async def authorize_request(
     policy: Policy, request: AuthorizeRequest, snapshot: Snapshot
 ) -> Decision:
-    """Checks 1-13 from the snapshot (pure), then check 14 against the shared limiter."""
+    """Checks 1-13 from the snapshot (pure), the hold when a cost is estimated (check 13
+    again, authoritative, under the ledger lock), then check 14 against the shared limiter."""
     decision = decide(request, snapshot, datetime.now(UTC))
-    if decision.allowed and decision.rate_limit is not None and decision.rate_limit_key:
+    key = extract_key(request.authorization)
+    held: HoldOutcome | None = None
+    if decision.allowed and request.estimated_cost is not None:
+        body = decision.body
+        held = await policy.reservations.hold(
+            body["account_id"],
+            request.estimated_cost,
+            request.request_id,
+            actor=f"token:{body['token_id']}",
+        )
+        if held.reservation is None or held.account is None:
+            decision = deny(INSUFFICIENT_USER_QUOTA, snapshot.position, key_last6=key[-6:])
+        else:
+            decision = _with_reservation(decision, held.reservation, held.account)
+    if (
+        decision.allowed
+        and decision.rate_limit is not None
+        and decision.rate_limit_key
+        and not (held is not None and held.repeated)
+    ):
         account_id, model = decision.rate_limit_key
         retry_after = await policy.limiter.hit(account_id, model, decision.rate_limit)
         if retry_after is not None:
-            key = extract_key(request.authorization)
+            if held is not None and held.reservation is not None:
+                await policy.reservations.release(
+                    held.reservation.reservation_id, "policy:rate_limited"
+                )
             decision = deny(
                 RATE_LIMITED,
                 snapshot.position,
@@ -142,6 +191,34 @@ async def authorize_request(
             )
     DECISIONS.labels(reason=decision.reason or "allowed").inc()
     return decision
+
+
+def _with_reservation(decision: Decision, reservation: Reservation, account: Account) -> Decision:
+    body = dict(decision.body)
+    body["balance"] = account.balance
+    body["available"] = account.balance - account.held
+    body["reservation"] = {
+        "id": reservation.reservation_id,
+        "amount": reservation.amount,
+        "expires_at": format_time(reservation.expires_at),
+    }
+    body["position"] = max(body["position"], reservation.held_position)
+    return dataclasses.replace(decision, body=body)
+
+
+def reservation_body(reservation: Reservation) -> dict[str, Any]:
+    return {
+        "id": reservation.reservation_id,
+        "account_id": reservation.account_id,
+        "amount": reservation.amount,
+        "state": reservation.state,
+        "request_id": reservation.request_id,
+        "expires_at": format_time(reservation.expires_at),
+        "held_position": reservation.held_position,
+        "ended_position": reservation.ended_position,
+        "settled_amount": reservation.settled_amount,
+        "ended_by": reservation.ended_by,
+    }
 
 
 def _invalid(exc: ValidationError | ValueError, position: int) -> JSONResponse:
@@ -217,6 +294,50 @@ def _routes(app: FastAPI) -> None:
             return _invalid(exc, gate.position)
         decision = await authorize_request(policy, parsed, gate)
         return JSONResponse(decision.body, status_code=decision.status, headers=decision.headers)
+
+    @app.get(
+        "/reservations/{reservation_id}",
+        tags=["reservations"],
+        responses={401: {"description": "Wrong service token"}, 404: {"description": "Unknown"}},
+    )
+    async def get_reservation(
+        reservation_id: str,
+        request: Request,
+        x_quota_service_token: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        policy: Policy = request.app.state.policy
+        refused = _service_refusal(policy, x_quota_service_token)
+        if refused is not None:
+            return refused
+        reservation = await policy.reservations.get(reservation_id)
+        if reservation is None:
+            return JSONResponse({"error": f"unknown reservation {reservation_id}"}, 404)
+        return JSONResponse(reservation_body(reservation))
+
+    @app.post(
+        "/reservations/{reservation_id}/release",
+        tags=["reservations"],
+        responses={
+            401: {"description": "Wrong service token"},
+            404: {"description": "Unknown reservation"},
+            409: {"description": "Already settled or expired"},
+        },
+    )
+    async def release_reservation(
+        reservation_id: str,
+        request: Request,
+        x_quota_service_token: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """Release a hold; releasing it again answers the same (idempotent)."""
+        policy: Policy = request.app.state.policy
+        refused = _service_refusal(policy, x_quota_service_token)
+        if refused is not None:
+            return refused
+        reservation = await policy.reservations.release(reservation_id, "api:release")
+        if reservation is None:
+            return JSONResponse({"error": f"unknown reservation {reservation_id}"}, 404)
+        status = 200 if reservation.state == "released" else 409
+        return JSONResponse(reservation_body(reservation), status_code=status)
 
     async def forward(
         request: Request,

@@ -127,6 +127,7 @@ async function search(prefix) {
   if (seq !== state.searchSeq) return; // a newer search answered first
   const list = $("results");
   list.replaceChildren();
+  list.dataset.prefix = prefix;
   if (body.items.length === 0) {
     list.appendChild(node("li", "No account matches.", "none"));
     return;
@@ -328,7 +329,9 @@ async function runVerify() {
 
 function debounce(fn, ms) {
   let timer;
-  return (...args) => { clearTimeout(timer); timer = setTimeout(() => fn(...args), ms); };
+  const run = (...args) => { clearTimeout(timer); timer = setTimeout(() => fn(...args), ms); };
+  run.cancel = () => clearTimeout(timer);
+  return run;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -338,11 +341,13 @@ document.addEventListener("DOMContentLoaded", () => {
     if (value) signIn(value);
   });
   $("logout").addEventListener("click", () => { signOut(); say("Signed out."); });
+  const searchAsTyped = debounce(() => search($("search").value.trim()), 250);
   $("search-form").addEventListener("submit", (event) => {
     event.preventDefault();
+    searchAsTyped.cancel();
     search($("search").value.trim());
   });
-  $("search").addEventListener("input", debounce(() => search($("search").value.trim()), 250));
+  $("search").addEventListener("input", searchAsTyped);
   $("page-prev").addEventListener("click", () => turnPage(-1));
   $("page-next").addEventListener("click", () => turnPage(1));
   $("verify-run").addEventListener("click", runVerify);
