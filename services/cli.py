@@ -82,6 +82,19 @@ def verify_command() -> None:
 
 
 @app.command()
+def replay(
+    check: Annotated[bool, typer.Option("--check", help="Only report differences.")] = False,
+    from_kafka: Annotated[
+        bool, typer.Option("--from-kafka", help="Rebuild from the topic's beginning.")
+    ] = False,
+) -> None:
+    """Rebuild every projection from history and swap it in (or only report, with --check)."""
+    from services.ledger.replay import replay_command
+
+    raise typer.Exit(replay_command(check, from_kafka))
+
+
+@app.command()
 def statement(
     account: str,
     since: Annotated[

@@ -85,9 +85,11 @@ def decode_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> E
         raise Rejection(NOT_CLOUDEVENT, "empty record value")
     try:
         if binary:
+            given = {name.lower()[3:] for name in header_map if name.lower().startswith("ce_")}
+            _require(given)
             cloud_event = from_binary(KafkaMessage(header_map, None, value or b""), _FORMAT)
         else:
-            cloud_event = _from_attributes(orjson.loads(value or b""))
+            cloud_event, given = _from_attributes(orjson.loads(value or b""))
     except UnicodeDecodeError as exc:
         raise Rejection(INVALID_JSON, f"not UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
@@ -97,19 +99,19 @@ def decode_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> E
     data = cloud_event.get_data()
     if binary and isinstance(data, str | bytes) and _is_json(cloud_event):
         raise Rejection(INVALID_JSON, "binary-mode data is not valid JSON")
-    return to_event(cloud_event)
+    return to_event(cloud_event, time_given="time" in given)
 
 
 def decode_http_object(obj: Any) -> Event:
     """Decode one event given as a parsed JSON value (`POST /events`)."""
     try:
-        cloud_event = _from_attributes(obj)
+        cloud_event, given = _from_attributes(obj)
     except (BaseCloudEventException, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise Rejection(NOT_CLOUDEVENT, _describe(exc)) from exc
-    return to_event(cloud_event)
+    return to_event(cloud_event, time_given="time" in given)
 
 
-def _from_attributes(parsed: Any) -> BaseCloudEvent:
+def _from_attributes(parsed: Any) -> tuple[BaseCloudEvent, set[str]]:
     """A structured-mode event (already parsed JSON) as the SDK's CloudEvent.
 
     This is the SDK's JSON format reading, with the standard library's RFC 3339 parser in
@@ -118,7 +120,10 @@ def _from_attributes(parsed: Any) -> BaseCloudEvent:
     """
     if not isinstance(parsed, Mapping):
         raise Rejection(NOT_CLOUDEVENT, "an event must be a JSON object")
-    attributes = dict(parsed)
+    # An attribute given as null is an attribute not given.
+    attributes = {name: value for name, value in parsed.items() if value is not None}
+    given = set(attributes)
+    _require(given)
     data = attributes.pop("data", None)
     encoded = attributes.pop("data_base64", None)
     if data is None and isinstance(encoded, str):
@@ -126,16 +131,31 @@ def _from_attributes(parsed: Any) -> BaseCloudEvent:
     time = attributes.get("time")
     if isinstance(time, str):
         attributes["time"] = datetime.fromisoformat(time)
-    return CloudEvent(attributes, data)
+    return CloudEvent(attributes, data), given
 
 
-def to_event(cloud_event: BaseCloudEvent) -> Event:
-    """Check type, subject and data of an SDK event and build our typed `Event`."""
+#: The SDK would invent an `id` (and a `time`) for an event without one; an event without an
+#: id could then never be recognised when it is delivered again, so it is not a CloudEvent.
+REQUIRED_ATTRIBUTES: Final = ("specversion", "id", "source", "type")
+
+
+def _require(given: Iterable[str]) -> None:
+    missing = [name for name in REQUIRED_ATTRIBUTES if name not in set(given)]
+    if missing:
+        raise Rejection(NOT_CLOUDEVENT, f"missing required attribute(s): {', '.join(missing)}")
+
+
+def to_event(cloud_event: BaseCloudEvent, *, time_given: bool) -> Event:
+    """Check type, subject and data of an SDK event and build our typed `Event`.
+
+    `time_given` says whether the event carried a time: the SDK fills in the current time
+    otherwise, which must not become part of the event's content.
+    """
     event_type = cloud_event.get_type()
     model = EVENT_TYPES.get(event_type)
     if model is None:
         raise Rejection(UNKNOWN_TYPE, f"unknown event type {event_type!r}")
-    time = cloud_event.get_time()
+    time = cloud_event.get_time() if time_given else None
     if time is not None and time.tzinfo is None:
         raise Rejection(NOT_CLOUDEVENT, "time must be RFC 3339 with a UTC offset")
     subject = cloud_event.get_subject()

@@ -77,3 +77,28 @@ def test_bad_cidr_is_bad_data() -> None:
         decode_http_object(event)
     assert caught.value.code == "bad_data"
     assert "allowed_cidrs" in caught.value.detail
+
+
+@pytest.mark.parametrize("missing", ["id", "source", "type", "specversion"])
+def test_an_event_without_a_required_attribute_is_not_a_cloudevent(missing: str) -> None:
+    # The SDK would make up an id; a made-up id would apply a redelivered event twice.
+    event = recharge("a", 1)
+    del event[missing]
+    with pytest.raises(Rejection) as structured_mode:
+        decode_kafka([], structured(event))
+    assert structured_mode.value.code == "not_cloudevent"
+    assert missing in structured_mode.value.detail
+    headers, value = binary(recharge("a", 1))
+    headers = [(name, raw) for name, raw in headers if name != f"ce_{missing}"]
+    with pytest.raises(Rejection) as binary_mode:
+        decode_kafka(headers, value)
+    assert binary_mode.value.code == "not_cloudevent"
+
+
+def test_an_event_without_time_decodes_the_same_every_time() -> None:
+    event = recharge("a", 1, time=None)
+    first = decode_kafka([], structured(event))
+    again = decode_kafka([], structured(event))
+    headers, value = binary(event)
+    assert first.time is None
+    assert first == again == decode_kafka(headers, value) == decode_http_object(event)

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from services.ledger.audit import verify
+from services.ledger.replay import replay
 from services.settings import Settings
 from tests.builders import cloud_event, recharge, token_issued, wait_for, wait_for_position
 from tests.conftest import ADMIN_TOKEN
@@ -103,6 +104,9 @@ async def test_the_hammer_holds_exactly_what_is_available_on_two_processes(
         report = await verify(conn)
     assert {row["state"]: row["count"] for row in states} == {"settled": 100}
     assert report.ok, report.differences
+    async with pool.acquire() as conn:
+        replayed = await replay(conn, check=True)
+    assert replayed.ok, (replayed.differences, replayed.history_differences)
 
 
 @pytest.mark.timeout(120)
@@ -229,6 +233,9 @@ async def test_usage_after_release_or_expiry_is_debited_and_releases_nothing_twi
     assert settled == 0
     assert await head_position(pool) == before + 2
     assert report.ok, report.differences
+    async with pool.acquire() as conn:
+        replayed = await replay(conn, check=True)
+    assert replayed.ok, (replayed.differences, replayed.history_differences)
 
 
 @pytest.mark.timeout(240)

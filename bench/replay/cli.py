@@ -1,0 +1,124 @@
+"""`python -m bench.replay`: store the history, time check and rebuild, report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench.fold import report
+from bench.replay.workload import random_events, store_events
+from services.infra.postgres import find_or_start_postgres, with_database
+from services.ledger import repository as repo
+from services.ledger.audit import compare_states
+from services.ledger.replay import replay
+from services.migrate import upgrade
+from services.settings import asyncpg_dsn
+
+DATABASE_URL_ENV = "QUOTA_BENCH_DATABASE_URL"
+TARGET = 200_000
+
+
+def _step(message: str) -> None:
+    print(f"[bench.replay] {message}", file=sys.stderr, flush=True)
+
+
+async def _admin(url: str, statement: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    await repo.init_connection(conn)
+    try:
+        t0 = time.perf_counter()
+        async with conn.transaction():
+            state, stored = await store_events(conn, random_events(args.events, args.accounts))
+        await conn.execute("ANALYZE")
+        generate = time.perf_counter() - t0
+        _step(f"stored {stored:,} events in {generate:.1f}s")
+        version: str = await conn.fetchval("SHOW server_version")
+        check = await replay(conn, check=True)
+        _step(f"check: {check.seconds:.2f}s ok={check.ok}")
+        await conn.execute("UPDATE accounts SET balance = balance + 1 WHERE account_id IN "
+                           "(SELECT account_id FROM accounts LIMIT 10)")  # fmt: skip
+        rebuild = await replay(conn, check=False)
+        _step(f"rebuild: {rebuild.seconds:.2f}s repaired {len(rebuild.differences)}")
+        identical = compare_states(state, await repo.load_all(conn)) == []
+        pure = None
+        if args.pure:
+            pure = await replay(conn, check=True, accelerated=False)
+            _step(f"pure check: {pure.seconds:.2f}s")
+    finally:
+        await conn.close()
+    return {
+        "version": version,
+        "events": stored,
+        "generate_seconds": generate,
+        "check": check,
+        "rebuild": rebuild,
+        "pure": pure,
+        "identical": identical,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--pure", action="store_true", help="also time the pure re-fold")
+    parser.add_argument("--database-url", default=os.environ.get(DATABASE_URL_ENV) or None)
+    parser.add_argument("--workdir", type=Path, default=Path(".work/bench"))
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    handle = find_or_start_postgres(args.workdir, url=args.database_url)
+    name = f"quota_bench_{uuid.uuid4().hex[:10]}"
+    try:
+        asyncio.run(_admin(handle.url, f'CREATE DATABASE "{name}"'))
+        try:
+            url = with_database(handle.url, name)
+            upgrade(url)
+            result = asyncio.run(_run(url, args))
+        finally:
+            asyncio.run(_admin(handle.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        handle.stop()
+    machine = report.machine(result["version"], handle.kind, "none (event store only)")
+    events = result["events"]
+    rows: list[list[str]] = []
+    for label, run in (("replay --check", result["check"]), ("replay (rebuild + swap)",
+                       result["rebuild"]), ("pure re-fold --check", result["pure"])):  # fmt: skip
+        if run is not None:
+            rows.append([label, f"{run.seconds:.2f}", report.rate(events / run.seconds),
+                         "yes" if run.ok or label.startswith("replay (") else "NO"])  # fmt: skip
+    print(report.table([(k, str(v)) for k, v in machine.items()], title="machine"))
+    print(report.grid(["run", "seconds", "events/s", "ok"], rows,
+                      title=f"replay of {events:,} events over {args.accounts:,} accounts "
+                            f"(target >= {TARGET:,} events/s)"))  # fmt: skip
+    print(f"rebuilt projections identical to the generator's fold: {result['identical']}")
+    out = {
+        "when": datetime.now(UTC).isoformat(),
+        "machine": machine,
+        "events": events,
+        "accounts": args.accounts,
+        "generate_seconds": result["generate_seconds"],
+        "identical": result["identical"],
+        "runs": {label: {"seconds": float(s), "events_per_second": float(r.replace(",", ""))}
+                 for label, s, r, _ in rows},
+        "head_hash": result["rebuild"].head_hash,
+    }  # fmt: skip
+    report.write_json(args.workdir / "replay.json", out)
+    return 0 if result["identical"] and result["check"].ok else 1
