@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import io
 import os
 import pstats
+import subprocess
 import sys
 import time
 import uuid
@@ -37,14 +39,14 @@ PHASE_ROWS: tuple[tuple[str, str], ...] = (
     ("kafka.getmany", "kafka getmany (wait for fetch + unpack)"),
     ("ledger._process", "LedgerConsumer._process"),
     ("build_incoming", "  build Incoming records"),
-    ("decode_all", "  ingest.decode_all (CloudEvents SDK + pydantic)"),
+    ("decode_all", "  ingest.decode_all (parse, CloudEvent, pydantic)"),
     ("pool_acquire+BEGIN", "  pool acquire + BEGIN"),
     ("apply_batch", "  ingest.apply_batch"),
     ("sql.lock_head", "    SQL lock_head (SELECT .. FOR UPDATE)"),
     ("sql.stored_content_hashes", "    SQL stored_content_hashes (= ANY ids)"),
     ("sql.load_state", "    SQL load_state (accounts FOR UPDATE)"),
     ("fold", "    fold (pure Python)"),
-    ("python.apply_batch", "    Python in apply_batch (canonical_json, hashes, tuples)"),
+    ("python.apply_batch", "    Python in apply_batch (screen, _keys, hashes, tuples)"),
     ("sql.append_events", "    SQL append_events (COPY event_store)"),
     ("sql.write_changes", "    SQL write_changes (unnest upsert accounts)"),
     ("sql.quarantine", "    SQL quarantine"),
@@ -53,6 +55,9 @@ PHASE_ROWS: tuple[tuple[str, str], ...] = (
     ("sql.notify_changes", "    SQL notify_changes"),
     ("COMMIT+release+metrics", "  COMMIT + release + metrics"),
     ("other", "other (event loop, fetcher callbacks)"),
+    ("gc.gen0", "(overlapping the above) gc pauses, generation 0"),
+    ("gc.gen1", "(overlapping the above) gc pauses, generation 1"),
+    ("gc.gen2", "(overlapping the above) gc pauses, generation 2"),
 )
 
 
@@ -103,13 +108,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-micro", action="store_true", help="skip the per-event CPU cost measurements"
     )
     parser.add_argument(
+        "--gc-threshold",
+        default=None,
+        metavar="G0[,G1[,G2]]",
+        help="gc.set_threshold for the whole run (an experiment knob; default: Python's)",
+    )
+    parser.add_argument(
         "--fail-on-miss", action="store_true", help="exit 2 when the ratio misses the target"
     )
     args = parser.parse_args(argv)
+    if args.gc_threshold is not None:
+        try:
+            args.gc_threshold = tuple(int(part) for part in args.gc_threshold.split(","))
+        except ValueError:
+            parser.error("--gc-threshold takes one to three integers, e.g. 50000,20,100")
+        if not 1 <= len(args.gc_threshold) <= 3:
+            parser.error("--gc-threshold takes one to three integers, e.g. 50000,20,100")
     for name in ("events", "accounts", "partitions", "batch_max_records", "raw_max_records"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def _code_version() -> dict[str, Any]:
+    """The commit benchmarked and the files under services/ that differ from it."""
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *args], capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    status = git("status", "--porcelain", "--", "services", "migrations")
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "changed": [line[3:] for line in status.splitlines() if line.strip()],
+    }
 
 
 def _step(message: str) -> None:
@@ -258,6 +295,7 @@ def _result(
         "benchmark": "bench.fold",
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine,
+        "code": _code_version(),
         "postgresql_settings": pg,
         "workload": {
             "events": args.events,
@@ -274,6 +312,7 @@ def _result(
             "pool_size": args.pool_size,
             "profiled": profiler is not None,
             "phases_timed": not args.no_phases,
+            "gc_threshold": list(gc.get_threshold()),
         },
         "raw": raw.as_dict(),
         "fold": {
@@ -302,6 +341,18 @@ def _result(
     }
 
 
+def _describe_code(code: dict[str, Any]) -> str:
+    changed = code["changed"]
+    if not changed:
+        return str(code["commit"])
+    return f"{code['commit']} + {len(changed)} changed files in services/ or migrations/"
+
+
+def _share(run: dict[str, Any]) -> str:
+    share = run.get("process_cpu_share_post_join")
+    return "n/a" if share is None else f"{100 * share:.0f}%"
+
+
 def _print(result: dict[str, Any]) -> None:
     m, w, s = result["machine"], result["workload"], result["settings"]
     raw, fold = result["raw"], result["fold"]
@@ -316,6 +367,7 @@ def _print(result: dict[str, Any]) -> None:
         ("python", m["python"]),
         ("postgresql", f"{m['postgresql']} ({m['postgresql_kind']})"),
         ("broker", m["broker"]),
+        ("code", _describe_code(result["code"])),
         (
             "events",
             f"{w['events']:,} usage_recorded, {w['accounts']:,} accounts, "
@@ -325,7 +377,8 @@ def _print(result: dict[str, Any]) -> None:
             "fold settings",
             f"batch_max_records={s['batch_max_records']}, "
             f"batch_timeout_ms={s['batch_timeout_ms']}"
-            + (", under cProfile" if s["profiled"] else ""),
+            + (", under cProfile" if s["profiled"] else "")
+            + (f", gc threshold {s['gc_threshold']}" if s["gc_threshold"] != [700, 10, 10] else ""),
         ),
         (
             "raw events/s",
@@ -340,6 +393,12 @@ def _print(result: dict[str, Any]) -> None:
             f"from 1st commit: {report.rate(fold['events_per_second_steady'])}; "
             f"join {fold['join_seconds'] or 0:.2f}s)",
         ),
+    ]
+    if fold["stale_records_refetched"]:
+        refetched = fold["stale_records_refetched"]
+        rows.append(("fold refetch", f"{refetched:,} applied records fetched again, skipped"))
+    rows += [
+        ("python CPU busy", f"raw {_share(raw)}, fold {_share(fold)} (this process, post-join)"),
         (
             "ratio fold/raw",
             f"{result['ratio']:.3f}x   (incl. group join: {result['ratio_e2e']:.3f}x)",
@@ -348,12 +407,6 @@ def _print(result: dict[str, Any]) -> None:
         ("result", "PASS" if result["pass"] else "MISS"),
         ("correctness", correctness),
     ]
-    if fold["stale_records_refetched"]:
-        rows.insert(
-            -4,
-            ("fold refetch", f"{fold['stale_records_refetched']:,} already-applied records "
-                             "fetched again and skipped"),
-        )  # fmt: skip
     print()
     print(report.table(rows, title="bench.fold (rates exclude consumer-group join time)"))
     text = result["_text"]
@@ -379,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     workdir: Path = args.workdir
     output: Path = args.output or workdir / "fold.json"
+    if args.gc_threshold is not None:
+        gc.set_threshold(*args.gc_threshold)
     started = time.perf_counter()
     with infrastructure(workdir, args.database_url, args.kafka_bootstrap) as infra:
         result = asyncio.run(_bench(args, infra, workdir))

@@ -95,8 +95,11 @@ def instrument_ledger(timer: PhaseTimer) -> None:
     from services.ledger import ingest
     from services.ledger import repository as repo
 
-    timer.wrap_sync(ingest, "decode_all")
-    timer.wrap_async(ingest, "apply_batch")
+    # `services/` is worked on while this benchmark exists: a step that is gone is skipped.
+    if callable(getattr(ingest, "decode_all", None)):
+        timer.wrap_sync(ingest, "decode_all")
+    if callable(getattr(ingest, "apply_batch", None)):
+        timer.wrap_async(ingest, "apply_batch")
     # Inside apply_batch: SQL round trips (module attributes of `repo`) and the pure fold.
     for attr in (
         "lock_head",
@@ -109,5 +112,7 @@ def instrument_ledger(timer: PhaseTimer) -> None:
         "commit_offsets",
         "notify_changes",
     ):
-        timer.wrap_async(repo, attr, f"sql.{attr}")
-    timer.wrap_sync(ingest, "fold", "fold")
+        if callable(getattr(repo, attr, None)):
+            timer.wrap_async(repo, attr, f"sql.{attr}")
+    if callable(getattr(ingest, "fold", None)):
+        timer.wrap_sync(ingest, "fold", "fold")

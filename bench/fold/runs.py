@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import cProfile
+import gc
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -39,6 +40,16 @@ class Timeline:
     last: float | None = None
     events: int = 0
     batches: int = 0
+    #: This process's CPU time (time.process_time) at assignment and at the last batch.
+    cpu_assigned: float | None = None
+    cpu_last: float | None = None
+
+    def stamp_assigned(self) -> float:
+        self.assigned, self.cpu_assigned = time.perf_counter(), time.process_time()
+        return self.assigned
+
+    def stamp_last(self, instant: float) -> None:
+        self.last, self.cpu_last = instant, time.process_time()
 
     def join_seconds(self) -> float | None:
         return None if self.assigned is None else self.assigned - self.started
@@ -61,6 +72,14 @@ class Timeline:
             return None
         return (self.events - self.first_events) / (self.last - self.first)
 
+    def cpu_share(self) -> float | None:
+        """This process's CPU seconds per wall second, assignment to last batch (1.0 = busy)."""
+        if None in (self.cpu_assigned, self.cpu_last, self.assigned, self.last):
+            return None
+        assert self.cpu_last is not None and self.cpu_assigned is not None
+        assert self.last is not None and self.assigned is not None
+        return (self.cpu_last - self.cpu_assigned) / (self.last - self.assigned)
+
     def as_dict(self) -> dict[str, Any]:
         steady = self.rate_steady()
         return {
@@ -79,6 +98,7 @@ class Timeline:
             "events_per_second_e2e": self.rate_e2e(),
             "events_per_second_post_join": self.rate_post_join(),
             "events_per_second_steady": steady,
+            "process_cpu_share_post_join": self.cpu_share(),
         }
 
 
@@ -98,7 +118,7 @@ class _StampAssignment(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         if self.timeline.assigned is None:
-            self.timeline.assigned = time.perf_counter()
+            self.timeline.stamp_assigned()
 
 
 async def run_raw(
@@ -132,7 +152,7 @@ async def run_raw(
                 timeline.batches += 1
                 if timeline.first is None:
                     timeline.first, timeline.first_events = now, count
-                timeline.last = now
+                timeline.stamp_last(now)
     finally:
         await consumer.stop()
     if timeline.events != expected:
@@ -172,6 +192,24 @@ def _timed_kafka(timer: PhaseTimer) -> Iterator[None]:
         _TimedKafkaConsumer.timer = None
 
 
+@contextlib.contextmanager
+def _timed_gc(timer: PhaseTimer) -> Iterator[None]:
+    """Record the garbage collector's pauses (they overlap whichever phase allocated)."""
+    started: list[float] = []
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            timer.add_span(f"gc.gen{info.get('generation')}", started.pop(), time.perf_counter())
+
+    gc.callbacks.append(callback)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(callback)
+
+
 class TimedLedgerConsumer(LedgerConsumer):
     """The real `LedgerConsumer`, recording when batches commit and how long each step takes."""
 
@@ -189,7 +227,7 @@ class TimedLedgerConsumer(LedgerConsumer):
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         await super().on_assigned(assigned)
         if self.timeline.assigned is None:
-            self.timeline.assigned = self.timer.window_start = time.perf_counter()
+            self.timer.window_start = self.timeline.stamp_assigned()
 
     async def _process(self, consumer: AIOKafkaConsumer, batches: dict[Any, Any]) -> None:
         before = self.position
@@ -223,7 +261,7 @@ class TimedLedgerConsumer(LedgerConsumer):
         line.batches += 1
         if line.first is None:
             line.first, line.first_events = ended, self.position - before
-        line.last = ended
+        line.stamp_last(ended)
         if self.position >= self.target:
             timer.enabled = False  # the in-flight getmany after the last batch is not counted
             self.done.set()
@@ -247,7 +285,7 @@ async def run_fold(
     profiler: cProfile.Profile | None = None,
 ) -> FoldRun:
     """Run `LedgerConsumer` from the topic's beginning until the head reaches `target`."""
-    with _timed_kafka(timer):
+    with _timed_kafka(timer), _timed_gc(timer):
         if profiler is not None:
             profiler.enable()
         ledger = TimedLedgerConsumer(settings, pool, target, timer)
