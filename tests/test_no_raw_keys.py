@@ -22,7 +22,7 @@ async def dump_database(pool: asyncpg.Pool) -> str:
         tables = await conn.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
         )
-        parts = []
+        parts: list[str] = []
         for table in tables:
             name = table["tablename"].replace('"', '""')
             rows = await conn.fetch(f'SELECT t::text AS row FROM "{name}" AS t')  # noqa: S608
