@@ -51,11 +51,11 @@ async def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         generate = time.perf_counter() - t0
         _step(f"stored {stored:,} events in {generate:.1f}s")
         version: str = await conn.fetchval("SHOW server_version")
-        check = await replay(conn, check=True)
+        check = await replay(conn, check=True, dsn=asyncpg_dsn(url))
         _step(f"check: {check.seconds:.2f}s ok={check.ok}")
         await conn.execute("UPDATE accounts SET balance = balance + 1 WHERE account_id IN "
                            "(SELECT account_id FROM accounts LIMIT 10)")  # fmt: skip
-        rebuild = await replay(conn, check=False)
+        rebuild = await replay(conn, check=False, dsn=asyncpg_dsn(url))
         _step(f"rebuild: {rebuild.seconds:.2f}s repaired {len(rebuild.differences)}")
         identical = compare_states(state, await repo.load_all(conn)) == []
         pure = None

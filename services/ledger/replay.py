@@ -16,8 +16,8 @@ Sources
 
 Folding the store fast (the default)
     Money events (`MONEY_DELTAS`: a balance change and nothing else) are folded in SQL:
-    balance = SUM(delta) and last position = MAX(position) per subject, the delta read from the
-    hashed payload. Every other event (status/role/group, tokens, rate limits, catalog, and any
+    balance = SUM(balance_delta) and last position = MAX(position) per subject (verify holds
+    each stored `balance_delta` to its hashed payload). Every other event (status/role/group, tokens, rate limits, catalog, and any
     type added later) goes through the pure `apply_event` at its stored position, decoded
     straight from the canonical payload (`json.loads` + the pydantic model: it was validated at
     ingest). Accounts that ever held quota are folded wholly in Python, since a hold's fold
@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
+import re
 import sys
 import time
 import uuid
@@ -185,24 +186,18 @@ def _diff(what: str, row: str, expected: Any, found: Any) -> dict[str, Any]:
 
 
 def _money_query() -> str:
-    cases = " ".join(f"WHEN '{t}' THEN {sql}" for t, sql in MONEY_DELTAS.items())
-    # Built from the constant MONEY_DELTAS only.
-    return f"""
-        WITH m AS (
-            SELECT position, type, subject, balance_delta, p,
-                   CASE p ->> 'type' {cases} END AS delta
-            FROM (SELECT position, type, subject, balance_delta, payload::jsonb AS p
-                  FROM event_store WHERE position <= $1 AND type = ANY($2::text[])
-                    AND subject <> ALL($3::text[])) AS s
-        )
-        SELECT subject, sum(delta) AS balance, max(position) AS position,
+    # The stored `balance_delta` column, written with the payload at ingest, is summed as it
+    # is: parsing 10^6 payloads as jsonb would cost more than the rest of the replay. The
+    # chain check above covers the payloads; verify holds every `balance_delta` to its payload.
+    return """
+        SELECT subject, sum(balance_delta) AS balance, max(position) AS position,
                count(*) AS events,
                array_agg(position ORDER BY position) FILTER (
-                   WHERE p ->> 'type' IS DISTINCT FROM type
-                      OR p ->> 'subject' IS DISTINCT FROM subject
-                      OR delta IS DISTINCT FROM balance_delta) AS bad
-        FROM m GROUP BY subject
-    """  # noqa: S608
+                   WHERE balance_delta IS NULL) AS bad
+        FROM event_store
+        WHERE position <= $1 AND type = ANY($2::text[]) AND subject <> ALL($3::text[])
+        GROUP BY subject
+    """
 
 
 _OTHER_QUERY: Final = """
@@ -238,12 +233,36 @@ def fast_decode(payload: str) -> Event:
     )
 
 
+_SNAPSHOT_ID: Final = re.compile(r"[0-9A-Fa-f-]+")
+
+
+async def _chain_in_snapshot(dsn: str, snapshot: str, upto: int) -> list[dict[str, Any]]:
+    """`check_chain` on a second connection that sees exactly the caller's snapshot."""
+    other: asyncpg.Connection = await asyncpg.connect(dsn)
+    try:
+        async with other.transaction(isolation="repeatable_read", readonly=True):
+            if not _SNAPSHOT_ID.fullmatch(snapshot):  # it is spliced into the statement
+                raise ValueError(f"unexpected snapshot id {snapshot!r}")
+            await other.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            return await check_chain(other, upto)
+    finally:
+        await other.close()
+
+
 async def refold_store_fast(
-    conn: asyncpg.Connection, upto: int, progress: Progress = _no_progress
+    conn: asyncpg.Connection, upto: int, progress: Progress = _no_progress, dsn: str = ""
 ) -> History:
     """Re-fold the store up to position `upto` (in the caller's snapshot): money in SQL, the
-    rest in Python; check the chain in SQL."""
-    differences = await check_chain(conn, upto)
+    rest in Python; check the chain in SQL. Given a `dsn`, the chain is checked on a second
+    connection in the same snapshot while this one folds (PostgreSQL hashes on one core while
+    Python folds on the other)."""
+    chain: asyncio.Task[list[dict[str, Any]]] | None = None
+    differences: list[dict[str, Any]] = []
+    if dsn:
+        snapshot: str = await conn.fetchval("SELECT pg_export_snapshot()")
+        chain = asyncio.create_task(_chain_in_snapshot(dsn, snapshot, upto))
+    else:
+        differences = await check_chain(conn, upto)
     money_types = list(MONEY_DELTAS)
     holding = [row["subject"] for row in await conn.fetch(_HOLDING_SUBJECTS, upto)]
     events = 0
@@ -251,9 +270,8 @@ async def refold_store_fast(
     for row in money:
         events += row["events"]
         for position in row["bad"] or ():
-            differences.append(_diff("event_store.payload", f"position {position}",
-                                     "type, subject and balance_delta as in the payload",
-                                     "columns disagree with the payload"))  # fmt: skip
+            differences.append(_diff("event_store.balance_delta", f"position {position}",
+                                     "the amount the event moved the balance", None))  # fmt: skip
     progress(events)
     state = State()
     changes = Changes()
@@ -283,6 +301,8 @@ async def refold_store_fast(
         if upto
         else GENESIS_HASH
     )
+    if chain is not None:
+        differences = [*await chain, *differences]
     return History(state, upto, head_hash or GENESIS_HASH, events, differences)
 
 
@@ -305,12 +325,16 @@ def _apply_stored(
 
 
 async def refold_store(
-    conn: asyncpg.Connection, *, accelerated: bool = True, progress: Progress = _no_progress
+    conn: asyncpg.Connection,
+    *,
+    accelerated: bool = True,
+    progress: Progress = _no_progress,
+    dsn: str = "",
 ) -> History:
     """Re-fold the whole store in the caller's (snapshot) transaction."""
     head = await repo.read_head(conn)
     if accelerated:
-        history = await refold_store_fast(conn, head.position, progress)
+        history = await refold_store_fast(conn, head.position, progress, dsn)
     else:
         walk = await audit.refold_history(conn, on_page=progress)
         history = History(walk.state, walk.last_position, walk.last_hash, walk.checked,
@@ -544,14 +568,19 @@ async def replay(
     topic: str = "",
     accelerated: bool = True,
     progress: Progress = _no_progress,
+    dsn: str = "",
 ) -> ReplayReport:
-    """Re-fold history and either compare (`check`) or rebuild the projections."""
+    """Re-fold history and either compare (`check`) or rebuild the projections.
+
+    With `dsn`, a second connection checks the hash chain in parallel."""
     started = time.perf_counter()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         if from_kafka:
             history = await refold_kafka(conn, kafka_bootstrap, topic, progress)
         else:
-            history = await refold_store(conn, accelerated=accelerated, progress=progress)
+            history = await refold_store(
+                conn, accelerated=accelerated, progress=progress, dsn=dsn
+            )
         if check:
             differences = audit.compare_states(history.state, await repo.load_all(conn))
     replaced = False
@@ -615,6 +644,7 @@ def replay_command(check: bool, from_kafka: bool) -> int:
                     kafka_bootstrap=settings.kafka_bootstrap,
                     topic=settings.topic,
                     progress=progress,
+                    dsn=asyncpg_dsn(settings.database_url),
                 )
         finally:
             await conn.close()
