@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 import uuid
 from collections.abc import Iterable
@@ -25,6 +26,16 @@ from services.settings import Settings
 log = structlog.get_logger("quota.ledger.consumer")
 
 RETRY_DELAY_SECONDS = 1.0
+DECODE_CHUNK = 500
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A decoded batch waiting for its transaction, with the epochs it was read under."""
+
+    decoded: list[ingest.Decoded]
+    epochs: dict[tuple[str, int], int]
+    started: float
 
 
 @dataclass(slots=True)
@@ -69,14 +80,26 @@ class LedgerConsumer:
             self.position = (await repo.read_head(conn)).position
         self.started.set()
         log.info("consumer started", topic=self.settings.topic, owner=self.owner)
+        # What exists now lives as long as the process: keep it out of every collection.
+        gc.collect()
+        gc.freeze()
+        inflight: asyncio.Task[bool] | None = None
         try:
             while not self._stopping:
+                # Batch N commits in the background while batch N+1 is polled and decoded:
+                # PostgreSQL works on one core while Python decodes on the other.
                 batches = await self._poll(consumer)
-                if not batches:
-                    continue
-                async with self._batch_lock:
-                    await self._process(consumer, batches)
+                prepared = await self._prepare(batches) if batches else None
+                if inflight is not None:
+                    committed, inflight = await inflight, None
+                    if not committed:
+                        prepared = None  # offsets were re-read and sought: records come again
+                if prepared is not None:
+                    inflight = asyncio.create_task(self._commit(consumer, prepared))
         finally:
+            if inflight is not None:
+                with contextlib.suppress(Exception):
+                    await inflight
             with contextlib.suppress(Exception):
                 await consumer.stop()
 
@@ -104,13 +127,13 @@ class LedgerConsumer:
     async def stop(self) -> None:
         self._stopping = True
 
-    async def _process(
-        self,
-        consumer: AIOKafkaConsumer,
-        batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
-    ) -> None:
+    async def _prepare(
+        self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> _Prepared | None:
+        """Pick the records of partitions we own and decode them, yielding now and then so a
+        commit in flight can send its next statement."""
         records: list[ingest.Incoming] = []
-        offsets: dict[tuple[str, int], tuple[int, int]] = {}
+        epochs: dict[tuple[str, int], int] = {}
         for tp, messages in batches.items():
             owned = self.owned.get(tp)
             if owned is None:
@@ -128,30 +151,55 @@ class LedgerConsumer:
                         message.value,
                     )
                 )
-            offsets[(tp.topic, tp.partition)] = (fresh[-1].offset + 1, owned.epoch)
+            epochs[(tp.topic, tp.partition)] = owned.epoch
         if not records:
-            return
+            return None
         started = time.perf_counter()
-        decoded = ingest.decode_all(records)
-        try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                result = await ingest.apply_batch(
-                    conn, decoded, offsets, self.settings.consumer_group
-                )
-        except repo.OffsetFenced as exc:
-            log.warning("offset commit fenced; dropping stale partitions", error=str(exc))
-            await self._resync(consumer, self.owned)
-            return
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-            log.error("batch failed; will retry from stored offsets", error=str(exc))
-            metrics.BATCH_FAILURES.inc()
-            await asyncio.sleep(RETRY_DELAY_SECONDS)
-            await self._resync(consumer, self.owned)
-            return
-        for (topic, partition), (next_offset, _) in offsets.items():
-            self.owned[TopicPartition(topic, partition)].next_offset = next_offset
-        self.position = result.position
-        metrics.record_batch(result, len(records), time.perf_counter() - started)
+        decoded: list[ingest.Decoded] = []
+        for start in range(0, len(records), DECODE_CHUNK):
+            decoded.extend(ingest.decode_all(records[start : start + DECODE_CHUNK]))
+            await asyncio.sleep(0)
+        return _Prepared(decoded, epochs, started)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, prepared: _Prepared) -> bool:
+        """Apply a prepared batch in one transaction; False when offsets had to be re-read."""
+        async with self._batch_lock:
+            # Ownership may have moved since the batch was prepared: keep what is still ours.
+            decoded: list[ingest.Decoded] = []
+            offsets: dict[tuple[str, int], tuple[int, int]] = {}
+            for item in prepared.decoded:
+                record = item.record
+                assert record is not None
+                key = (record.topic, record.partition)
+                owned = self.owned.get(TopicPartition(*key))
+                if owned is None or owned.epoch != prepared.epochs[key]:
+                    continue
+                if record.offset < owned.next_offset:
+                    continue
+                decoded.append(item)
+                offsets[key] = (record.offset + 1, owned.epoch)
+            if not decoded:
+                return True
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    result = await ingest.apply_batch(
+                        conn, decoded, offsets, self.settings.consumer_group
+                    )
+            except repo.OffsetFenced as exc:
+                log.warning("offset commit fenced; dropping stale partitions", error=str(exc))
+                await self._resync(consumer, self.owned)
+                return False
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                log.error("batch failed; will retry from stored offsets", error=str(exc))
+                metrics.BATCH_FAILURES.inc()
+                await asyncio.sleep(RETRY_DELAY_SECONDS)
+                await self._resync(consumer, self.owned)
+                return False
+            for (topic, partition), (next_offset, _) in offsets.items():
+                self.owned[TopicPartition(topic, partition)].next_offset = next_offset
+            self.position = result.position
+            metrics.record_batch(result, len(decoded), time.perf_counter() - prepared.started)
+            return True
 
     async def _resync(
         self, consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]
