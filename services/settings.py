@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     batch_max_records: int = Field(default=5000, ge=1)
     batch_timeout_ms: int = Field(default=200, ge=1)
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    kafka_fetch_max_wait_ms: int = Field(default=50, ge=1)
     heartbeat_seconds: float = Field(default=1.0, gt=0)
     max_staleness_seconds: float = Field(default=10.0, gt=0)
     fail_open: bool = False

@@ -37,10 +37,9 @@ KAFKA_BOOTSTRAP_ENV = "QUOTA_BENCH_KAFKA_BOOTSTRAP"
 #: Phases in display order: (timer name, label). Indentation shows what contains what.
 PHASE_ROWS: tuple[tuple[str, str], ...] = (
     ("kafka.getmany", "kafka getmany (wait for fetch + unpack)"),
-    ("ledger._process", "LedgerConsumer._process"),
-    ("build_incoming", "  build Incoming records"),
+    ("ledger._prepare", "LedgerConsumer._prepare (select records, decode in chunks)"),
     ("decode_all", "  ingest.decode_all (parse, CloudEvent, pydantic)"),
-    ("pool_acquire+BEGIN", "  pool acquire + BEGIN"),
+    ("ledger._commit", "LedgerConsumer._commit (one transaction; overlaps the next _prepare)"),
     ("apply_batch", "  ingest.apply_batch"),
     ("sql.lock_head", "    SQL lock_head (SELECT .. FOR UPDATE)"),
     ("sql.stored_content_hashes", "    SQL stored_content_hashes (= ANY ids)"),
@@ -53,7 +52,6 @@ PHASE_ROWS: tuple[tuple[str, str], ...] = (
     ("sql.write_head", "    SQL write_head"),
     ("sql.commit_offsets", "    SQL commit_offsets (UPDATE per partition)"),
     ("sql.notify_changes", "    SQL notify_changes"),
-    ("COMMIT+release+metrics", "  COMMIT + release + metrics"),
     ("other", "other (event loop, fetcher callbacks)"),
     ("gc.gen0", "(overlapping the above) gc pauses, generation 0"),
     ("gc.gen1", "(overlapping the above) gc pauses, generation 1"),
@@ -114,6 +112,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="gc.set_threshold for the whole run (an experiment knob; default: Python's)",
     )
     parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() just before the fold starts (an experiment knob)",
+    )
+    parser.add_argument(
         "--fail-on-miss", action="store_true", help="exit 2 when the ratio misses the target"
     )
     args = parser.parse_args(argv)
@@ -140,11 +143,12 @@ def _code_version() -> dict[str, Any]:
             )
         except (OSError, subprocess.TimeoutExpired):
             return ""
-        return done.stdout.strip() if done.returncode == 0 else ""
+        # Only trailing whitespace: porcelain lines start with a status column (" M path").
+        return done.stdout.rstrip() if done.returncode == 0 else ""
 
     status = git("status", "--porcelain", "--", "services", "migrations")
     return {
-        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "commit": git("rev-parse", "--short", "HEAD").strip() or "unknown",
         "changed": [line[3:] for line in status.splitlines() if line.strip()],
     }
 
@@ -171,7 +175,7 @@ def _phase_table(fold: FoldRun, timer: PhaseTimer) -> tuple[list[dict[str, Any]]
     if "apply_batch" in phases:
         phases["python.apply_batch"] = phases["apply_batch"] - sum(phases[n] for n in inner)
         calls["python.apply_batch"] = calls["apply_batch"]
-    phases["other"] = window - phases.get("kafka.getmany", 0.0) - phases.get("ledger._process", 0.0)
+    phases["other"] = window - phases.get("kafka.getmany", 0.0) - phases.get("ledger._commit", 0.0)
     rows: list[dict[str, Any]] = []
     printed: list[list[str]] = []
     for name, label in PHASE_ROWS:
@@ -253,6 +257,9 @@ async def _bench(args: argparse.Namespace, infra: Infra, workdir: Path) -> dict[
                 f"fold: LedgerConsumer, batch_max_records={args.batch_max_records}"
                 + (" (under cProfile)" if profiler else "")
             )
+            if args.gc_freeze:
+                gc.collect()
+                gc.freeze()
             try:
                 fold = await run_fold(settings, pool, args.events, args.timeout, timer, profiler)
             finally:
@@ -313,6 +320,7 @@ def _result(
             "profiled": profiler is not None,
             "phases_timed": not args.no_phases,
             "gc_threshold": list(gc.get_threshold()),
+            "gc_freeze": args.gc_freeze,
         },
         "raw": raw.as_dict(),
         "fold": {
@@ -378,7 +386,8 @@ def _print(result: dict[str, Any]) -> None:
             f"batch_max_records={s['batch_max_records']}, "
             f"batch_timeout_ms={s['batch_timeout_ms']}"
             + (", under cProfile" if s["profiled"] else "")
-            + (f", gc threshold {s['gc_threshold']}" if s["gc_threshold"] != [700, 10, 10] else ""),
+            + (f", gc threshold {s['gc_threshold']}" if s["gc_threshold"] != [700, 10, 10] else "")
+            + (", gc.freeze() before the fold" if s["gc_freeze"] else ""),
         ),
         (
             "raw events/s",

@@ -229,33 +229,29 @@ class TimedLedgerConsumer(LedgerConsumer):
         if self.timeline.assigned is None:
             self.timer.window_start = self.timeline.stamp_assigned()
 
-    async def _process(self, consumer: AIOKafkaConsumer, batches: dict[Any, Any]) -> None:
-        before = self.position
-        timer = self.timer
+    async def _prepare(self, batches: dict[Any, Any]) -> Any:
         for tp, messages in batches.items():
             owned = self.owned.get(tp)
             if owned is not None and messages and messages[0].offset < owned.next_offset:
                 # Records the consumer already applied, fetched again (and skipped by it).
                 self.stale_records += sum(1 for m in messages if m.offset < owned.next_offset)
         started = time.perf_counter()
+        prepared = await super()._prepare(batches)
+        self.timer.add("ledger._prepare", time.perf_counter() - started)
+        return prepared
+
+    async def _commit(self, consumer: AIOKafkaConsumer, prepared: Any) -> bool:
+        before = self.position
+        timer = self.timer
+        started = time.perf_counter()
         if self.timeline.first_started is None:
             self.timeline.first_started = started
-        await super()._process(consumer, batches)
+        committed = await super()._commit(consumer, prepared)
         ended = time.perf_counter()
-        timer.add("ledger._process", ended - started)
-        decode_start = timer.last_start.get("decode_all", 0.0)
-        decode_end = timer.last_end.get("decode_all", 0.0)
-        apply_start = timer.last_start.get("apply_batch", 0.0)
-        apply_end = timer.last_end.get("apply_batch", 0.0)
-        if decode_start >= started:
-            timer.add("build_incoming", decode_start - started)
-        if apply_start >= started and decode_end >= started:
-            timer.add("pool_acquire+BEGIN", apply_start - decode_end)
-        if apply_end >= started:
-            timer.add("COMMIT+release+metrics", ended - apply_end)
+        timer.add("ledger._commit", ended - started)
         if self.position == before:
             self.failed_batches += 1
-            return
+            return committed
         line = self.timeline
         line.events = self.position
         line.batches += 1
@@ -265,6 +261,7 @@ class TimedLedgerConsumer(LedgerConsumer):
         if self.position >= self.target:
             timer.enabled = False  # the in-flight getmany after the last batch is not counted
             self.done.set()
+        return committed
 
 
 @dataclass(slots=True)

@@ -70,6 +70,9 @@ class LedgerConsumer:
             auto_offset_reset="earliest",
             session_timeout_ms=self.settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=min(3_000, self.settings.kafka_session_timeout_ms // 3),
+            # How long the broker may hold a fetch that has no data: an event's way to the
+            # policy snapshot waits on it when the topic is quiet.
+            fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=32 * 1024 * 1024,
         )

@@ -42,10 +42,9 @@ class EventRecord(SQLModel, table=True):
     """The append-only event store: one row per applied event, hash-chained by position."""
 
     __tablename__ = "event_store"
-    __table_args__ = (
-        Index("ix_event_store_subject_position", "subject", "position"),
-        Index("ix_event_store_time", "time"),
-    )
+    # Statements and balances read one account's events in position order; nothing reads
+    # across accounts by time, so `time` has no index (each index costs every append).
+    __table_args__ = (Index("ix_event_store_subject_position", "subject", "position"),)
 
     position: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     event_id: str = Field(sa_column=Column(Text, nullable=False, unique=True))
