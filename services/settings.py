@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     reservation_ttl_seconds: float = Field(default=300.0, gt=0)
     log_level: str = "INFO"
     log_json: bool = True
+    access_log: bool = False
     dev_mode: bool = False
 
     def check_secrets(self) -> None:

@@ -37,8 +37,9 @@ async def dump_database(pool: asyncpg.Pool) -> str:
 async def test_raw_keys_appear_in_no_response_row_or_log(
     settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
 ) -> None:
-    ledger = quota_processes.start("ledger", "ledger")
-    policy = quota_processes.start("policy", "policy", log_level="DEBUG")
+    # The most talkative configuration: access logs on, the policy at DEBUG.
+    ledger = quota_processes.start("ledger", "ledger", access_log=True)
+    policy = quota_processes.start("policy", "policy", log_level="DEBUG", access_log=True)
     await quota_processes.wait_ready(ledger)
     events = [
         cloud_event("quota.model.registered", "catalog", {"model": "gpt-4o", "kind": "chat"}),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -138,8 +139,8 @@ class SnapshotStore:
             await self._reload_all(conn)
             return
         if pending.empty():
-            # A heartbeat: nothing changed up to its position.
-            await self._publish(max(self.position, pending.position))
+            # A heartbeat: nothing changed up to its position, so nothing is rebuilt.
+            await self._publish(max(self.position, pending.position), changed=False)
             return
         state = self._state
         async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -164,8 +165,12 @@ class SnapshotStore:
         # position has been reloaded (rows may even be newer, which is only fresher).
         await self._publish(pending.position)
 
-    async def _publish(self, position: int) -> None:
-        self.snapshot = Snapshot.from_state(self._state, max(position, self.position))
+    async def _publish(self, position: int, *, changed: bool = True) -> None:
+        position = max(position, self.position)
+        if changed or self.snapshot is None:
+            self.snapshot = Snapshot.from_state(self._state, position)
+        elif position != self.snapshot.position:
+            self.snapshot = dataclasses.replace(self.snapshot, position=position)
         self.loaded.set()
         async with self._changed:
             self._changed.notify_all()
