@@ -19,8 +19,8 @@ Folding the store fast (the default)
     balance = SUM(balance_delta) and last position = MAX(position) per subject (verify holds
     each stored `balance_delta` to its hashed payload). Every other event (status/role/group,
     tokens, rate limits, catalog, and any type added later) goes through the pure
-    `apply_event` at its stored position, decoded straight from the canonical payload (`json.loads` + the pydantic model: it was validated at
-    ingest). Accounts that ever held quota are folded wholly in Python, since a hold's fold
+    `apply_event` at its stored position, decoded straight from the canonical payload
+    (`json.loads` + the pydantic model: it was validated at ingest). Accounts that ever held quota are folded wholly in Python, since a hold's fold
     depends on the balance at its position. The two are merged per account.
     `accelerated=False` uses the reference re-fold shared with verify (`audit.refold_history`)
     instead; tests hold both to the same result.
@@ -578,9 +578,7 @@ async def replay(
         if from_kafka:
             history = await refold_kafka(conn, kafka_bootstrap, topic, progress)
         else:
-            history = await refold_store(
-                conn, accelerated=accelerated, progress=progress, dsn=dsn
-            )
+            history = await refold_store(conn, accelerated=accelerated, progress=progress, dsn=dsn)
         if check:
             differences = audit.compare_states(history.state, await repo.load_all(conn))
     replaced = False
