@@ -15,15 +15,15 @@ Sources
       ids whose content differs are named as `kafka.*` differences.
 
 Folding the store fast (the default)
-    Money events (`MONEY_DELTAS`: a balance change and nothing else) are folded in SQL:
-    balance = SUM(balance_delta) and last position = MAX(position) per subject (verify holds
-    each stored `balance_delta` to its hashed payload). Every other event (status/role/group,
-    tokens, rate limits, catalog, and any type added later) goes through the pure
-    `apply_event` at its stored position, decoded straight from the canonical payload
-    (`json.loads` + the pydantic model: it was validated at ingest). Accounts that ever held quota are folded wholly in Python, since a hold's fold
-    depends on the balance at its position. The two are merged per account.
-    `accelerated=False` uses the reference re-fold shared with verify (`audit.refold_history`)
-    instead; tests hold both to the same result.
+    Money events (`MONEY_DELTAS`: a balance change and nothing else) are folded in SQL: balance
+    = SUM(balance_delta) and last position = MAX(position) per subject (verify holds each
+    stored `balance_delta` to its hashed payload). Every other event (status/role/group,
+    tokens, rate limits, catalog, and any type added later) goes through the pure `apply_event`
+    at its stored position, decoded straight from the canonical payload (`json.loads` + the
+    pydantic model: it was validated at ingest). Accounts that ever held quota are folded
+    wholly in Python, since a hold's fold depends on the balance at its position. The two are
+    merged per account. `accelerated=False` uses the reference re-fold shared with verify
+    (`audit.refold_history`) instead; tests hold both to the same result.
     The hash chain is checked in SQL (content hashes, links, positions) in the same snapshot.
 
 Writing
