@@ -114,29 +114,26 @@ def infrastructure() -> Iterator[None]:
             print("stopping the local infrastructure", flush=True)
 
 
-def ensure_nginx() -> None:
-    """tests/deploy/test_nginx.py runs a real nginx: install Debian's package when it is missing.
+def apt_install(packages: tuple[str, ...], consequence: str, timeout: float = 900) -> None:
+    """Install Debian packages a test needs, quietly, printing one line.
 
     Only as root with apt-get; otherwise, or when the install fails, print a warning and go on
-    (that test then fails, saying nginx is missing). Debian 12's `nginx` package holds the
-    binary with the auth_request module (`nginx-light` only adds the echo module to it).
+    (`consequence`: the test that then fails, saying what is missing).
     """
-    if shutil.which("nginx") or Path(NGINX_FALLBACK).exists():
-        return
-    consequence = "tests/deploy/test_nginx.py will fail"
+    names = " and ".join(packages)
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        print(f"warning: nginx is missing and only root with apt-get installs it; {consequence}")
+        print(f"warning: {names} missing and only root with apt-get installs it; {consequence}")
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     started = time.monotonic()
     for args in (
         ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
     ):
         command = " ".join(args)
         try:
             done = subprocess.run(
-                args, env=env, capture_output=True, text=True, timeout=600, check=False
+                args, env=env, capture_output=True, text=True, timeout=timeout, check=False
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             print(f"warning: `{command}` failed ({exc}); {consequence}")
@@ -145,44 +142,22 @@ def ensure_nginx() -> None:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             print(f"warning: `{command}` exited {done.returncode} ({last}); {consequence}")
             return
-    print(f"installed Debian's nginx package ({time.monotonic() - started:.1f}s)")
+    print(f"installed Debian's {names} ({time.monotonic() - started:.1f}s)")
 
 
-CHROMIUM_PACKAGES = ("chromium", "chromium-driver")
+def ensure_nginx() -> None:
+    """tests/deploy/test_nginx.py runs deploy/nginx/ with Debian's nginx. Debian 12's `nginx`
+    package holds the binary with the auth_request module (`nginx-light` only adds the echo
+    module to it)."""
+    if not (shutil.which("nginx") or Path(NGINX_FALLBACK).exists()):
+        apt_install(("nginx",), "tests/deploy/test_nginx.py will fail")
 
 
 def ensure_chromium() -> None:
     """tests/ledger/test_ui.py drives the admin page in Debian's headless Chromium through
-    chromedriver: install both packages when either is missing.
-
-    Only as root with apt-get; otherwise, or when the install fails, print a warning and go on
-    (that test then fails, saying Chromium is missing).
-    """
-    if Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists():
-        return
-    consequence = "tests/ledger/test_ui.py will fail"
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        print(f"warning: chromium is missing and only root with apt-get installs it; {consequence}")
-        return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    started = time.monotonic()
-    for args in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *CHROMIUM_PACKAGES],
-    ):
-        command = " ".join(args)
-        try:
-            done = subprocess.run(
-                args, env=env, capture_output=True, text=True, timeout=900, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            print(f"warning: `{command}` failed ({exc}); {consequence}")
-            return
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"warning: `{command}` exited {done.returncode} ({last}); {consequence}")
-            return
-    print(f"installed Debian's chromium and chromium-driver ({time.monotonic() - started:.1f}s)")
+    chromedriver."""
+    if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
+        apt_install(("chromium", "chromium-driver"), "tests/ledger/test_ui.py will fail")
 
 
 def _has_python(path: Path) -> bool:
