@@ -238,6 +238,7 @@ async def refold_history(
 
 async def verify(conn: asyncpg.Connection, page_size: int = PAGE_SIZE) -> VerifyReport:
     """Check the hash chain and re-fold the whole history against the projections."""
+    await repo.init_connection(conn)  # jsonb as Python values, whoever opened `conn`
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         walk = await refold_history(conn, page_size)
         stored = await repo.load_all(conn)

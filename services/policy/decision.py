@@ -39,7 +39,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Annotated, Any, Final
@@ -289,6 +289,32 @@ def _freeze(mapping: dict[Any, Any]) -> Mapping[Any, Any]:
     return MappingProxyType(mapping)
 
 
+def _token_indexes(state: State) -> dict[str, Any]:
+    tokens = {token.key_sha256.lower(): token for token in state.tokens.values()}
+    networks = {
+        token.token_id: parse_networks(token.allowed_cidrs)
+        for token in state.tokens.values()
+        if token.allowed_cidrs
+    }
+    return {"tokens": _freeze(tokens), "networks": _freeze(networks)}
+
+
+def _catalog_indexes(state: State) -> dict[str, Any]:
+    serving: dict[tuple[str, str], list[int]] = {}
+    for channel in state.channels.values():
+        if not channel.enabled:
+            continue
+        for group in set(channel.groups):
+            for model in set(channel.models):
+                serving.setdefault((group, model), []).append(channel.channel_id)
+    return {
+        "channels": _freeze(dict(state.channels)),
+        "models": _freeze(dict(state.models)),
+        "routes": RouteTable.build(state.routes.values()),
+        "serving": _freeze({key: tuple(sorted(ids)) for key, ids in serving.items()}),
+    }
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Snapshot:
     """A read-only view of the projections at one ledger position, indexed for `decide`."""
@@ -308,30 +334,35 @@ class Snapshot:
 
     @classmethod
     def from_state(cls, state: State, position: int) -> Snapshot:
-        tokens = {token.key_sha256.lower(): token for token in state.tokens.values()}
-        networks = {
-            token.token_id: parse_networks(token.allowed_cidrs)
-            for token in state.tokens.values()
-            if token.allowed_cidrs
-        }
-        serving: dict[tuple[str, str], list[int]] = {}
-        for channel in state.channels.values():
-            if not channel.enabled:
-                continue
-            for group in set(channel.groups):
-                for model in set(channel.models):
-                    serving.setdefault((group, model), []).append(channel.channel_id)
         return cls(
             position=position,
             accounts=_freeze(dict(state.accounts)),
-            tokens=_freeze(tokens),
-            channels=_freeze(dict(state.channels)),
-            models=_freeze(dict(state.models)),
-            routes=RouteTable.build(state.routes.values()),
+            **_token_indexes(state),
+            **_catalog_indexes(state),
             rate_limits=_freeze(dict(state.rate_limits)),
-            serving=_freeze({key: tuple(sorted(ids)) for key, ids in serving.items()}),
-            networks=_freeze(networks),
         )
+
+    def updated(
+        self,
+        state: State,
+        position: int,
+        *,
+        accounts: bool = False,
+        tokens: bool = False,
+        catalog: bool = False,
+        rate_limits: bool = False,
+    ) -> Snapshot:
+        """This snapshot moved to `position`, re-indexing only the parts that changed."""
+        parts: dict[str, Any] = {"position": position}
+        if accounts:
+            parts["accounts"] = _freeze(dict(state.accounts))
+        if tokens:
+            parts.update(_token_indexes(state))
+        if catalog:
+            parts.update(_catalog_indexes(state))
+        if rate_limits:
+            parts["rate_limits"] = _freeze(dict(state.rate_limits))
+        return replace(self, **parts)
 
     def rate_limit_for(self, account_id: str, model: str) -> RateLimit | None:
         """The account's limit for the model, else its `*` limit."""

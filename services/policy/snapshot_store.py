@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -138,39 +137,48 @@ class SnapshotStore:
         if pending.all:
             await self._reload_all(conn)
             return
-        if pending.empty():
-            # A heartbeat: nothing changed up to its position, so nothing is rebuilt.
-            await self._publish(max(self.position, pending.position), changed=False)
-            return
         state = self._state
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            if pending.accounts:
-                for account in await repo.load_accounts(conn, sorted(pending.accounts)):
-                    state.accounts[account.account_id] = account
-            if pending.tokens:
-                for token in await repo.load_tokens(conn, sorted(pending.tokens)):
-                    state.tokens[token.token_id] = token
-                    state.token_keys[token.key_sha256] = token.token_id
-            if pending.rate_limit_accounts:
-                accounts = pending.rate_limit_accounts
-                for key in [k for k in state.rate_limits if k[0] in accounts]:
-                    del state.rate_limits[key]
-                for limit in await repo.load_rate_limits(conn, sorted(accounts)):
-                    state.rate_limits[(limit.account_id, limit.model)] = limit
-            if pending.catalog:
-                catalog = await repo.load_catalog(conn)
-                state.channels, state.models = catalog.channels, catalog.models
-                state.routes = catalog.routes
+        if not pending.empty():  # else a heartbeat: nothing to read
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                if pending.accounts:
+                    for account in await repo.load_accounts(conn, sorted(pending.accounts)):
+                        state.accounts[account.account_id] = account
+                if pending.tokens:
+                    for token in await repo.load_tokens(conn, sorted(pending.tokens)):
+                        state.tokens[token.token_id] = token
+                        state.token_keys[token.key_sha256] = token.token_id
+                if pending.rate_limit_accounts:
+                    accounts = pending.rate_limit_accounts
+                    for key in [k for k in state.rate_limits if k[0] in accounts]:
+                        del state.rate_limits[key]
+                    for limit in await repo.load_rate_limits(conn, sorted(accounts)):
+                        state.rate_limits[(limit.account_id, limit.model)] = limit
+                if pending.catalog:
+                    catalog = await repo.load_catalog(conn)
+                    state.channels, state.models = catalog.channels, catalog.models
+                    state.routes = catalog.routes
         # Notifications arrive in commit order, so every change up to the newest notified
-        # position has been reloaded (rows may even be newer, which is only fresher).
-        await self._publish(pending.position)
+        # position has been reloaded (rows may even be newer, which is only fresher). Only the
+        # indexes of what changed are rebuilt; a heartbeat rebuilds nothing.
+        position = max(pending.position, self.position)
+        if self.snapshot is None:
+            await self._publish(position)
+            return
+        self.snapshot = self.snapshot.updated(
+            state,
+            position,
+            accounts=bool(pending.accounts),
+            tokens=bool(pending.tokens),
+            catalog=pending.catalog,
+            rate_limits=bool(pending.rate_limit_accounts),
+        )
+        await self._announce()
 
-    async def _publish(self, position: int, *, changed: bool = True) -> None:
-        position = max(position, self.position)
-        if changed or self.snapshot is None:
-            self.snapshot = Snapshot.from_state(self._state, position)
-        elif position != self.snapshot.position:
-            self.snapshot = dataclasses.replace(self.snapshot, position=position)
+    async def _publish(self, position: int) -> None:
+        self.snapshot = Snapshot.from_state(self._state, max(position, self.position))
+        await self._announce()
+
+    async def _announce(self) -> None:
         self.loaded.set()
         async with self._changed:
             self._changed.notify_all()
