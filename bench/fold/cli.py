@@ -21,11 +21,11 @@ from typing import Any
 import structlog
 
 from bench.fold import report
-from bench.fold.infra import Infra, infrastructure, remove_topic
 from bench.fold.micro import per_event_costs
 from bench.fold.phases import PhaseTimer, instrument_ledger
 from bench.fold.runs import FoldRun, Timeline, run_fold, run_raw, verify
 from bench.fold.workload import produce
+from bench.infra import Infra, infrastructure, remove_topic
 from services.infra.topics import ensure_topic
 from services.ledger import repository as repo
 from services.settings import Settings

@@ -7,7 +7,6 @@ import asyncio
 import os
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,12 +15,11 @@ from typing import Any
 import asyncpg
 
 from bench.fold import report
+from bench.infra import infrastructure
 from bench.replay.workload import random_events, store_events
-from services.infra.postgres import find_or_start_postgres, with_database
 from services.ledger import repository as repo
 from services.ledger.audit import compare_states
 from services.ledger.replay import replay
-from services.migrate import upgrade
 from services.settings import asyncpg_dsn
 
 DATABASE_URL_ENV = "QUOTA_BENCH_DATABASE_URL"
@@ -30,14 +28,6 @@ TARGET = 200_000
 
 def _step(message: str) -> None:
     print(f"[bench.replay] {message}", file=sys.stderr, flush=True)
-
-
-async def _admin(url: str, statement: str) -> None:
-    conn = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -83,20 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--database-url", default=os.environ.get(DATABASE_URL_ENV) or None)
     parser.add_argument("--workdir", type=Path, default=Path(".work/bench"))
     args = parser.parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    handle = find_or_start_postgres(args.workdir, url=args.database_url)
-    name = f"quota_bench_{uuid.uuid4().hex[:10]}"
-    try:
-        asyncio.run(_admin(handle.url, f'CREATE DATABASE "{name}"'))
-        try:
-            url = with_database(handle.url, name)
-            upgrade(url)
-            result = asyncio.run(_run(url, args))
-        finally:
-            asyncio.run(_admin(handle.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        handle.stop()
-    machine = report.machine(result["version"], handle.kind, "none (event store only)")
+    with infrastructure(
+        args.workdir, args.database_url, None, bench="bench.replay", broker=False
+    ) as infra:
+        result = asyncio.run(_run(infra.database_url, args))
+    machine = report.machine(result["version"], infra.postgres_kind, "none (event store only)")
     events = result["events"]
     rows: list[list[str]] = []
     for label, run in (("replay --check", result["check"]), ("replay (rebuild + swap)",

