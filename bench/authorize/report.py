@@ -2,44 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from bench.report import cpu_model, grid, memory_gib, ms, table, usable_cores, write_json
+
+__all__ = ["CpuSample", "cpu_sample", "cpu_usage", "grid", "machine", "ms", "table", "write_json"]
+
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def memory_gib() -> float:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 1024 / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0.0
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def machine(**facts: Any) -> dict[str, Any]:
@@ -47,7 +19,7 @@ def machine(**facts: Any) -> dict[str, Any]:
         "cpu": cpu_model(),
         "cores": usable_cores(),
         "logical_cpus": os.cpu_count(),
-        "ram_gib": round(memory_gib(), 1),
+        "ram_gib": round(memory_gib() or 0.0, 1),
         "kernel": platform.release(),
         "driver_python": f"{platform.python_implementation()} {platform.python_version()}",
         **facts,
@@ -94,41 +66,3 @@ def cpu_usage(before: CpuSample, after: CpuSample, seconds: float) -> dict[str, 
 
 
 # --- printing ----------------------------------------------------------------------------------
-
-
-def table(rows: Sequence[tuple[str, str]], title: str | None = None) -> str:
-    width = max(len(name) for name, _ in rows)
-    value_width = max(len(value) for _, value in rows)
-    rule = "+" + "-" * (width + 2) + "+" + "-" * (value_width + 2) + "+"
-    lines = [title] if title else []
-    lines.append(rule)
-    lines += [f"| {name:<{width}} | {value:<{value_width}} |" for name, value in rows]
-    lines.append(rule)
-    return "\n".join(lines)
-
-
-def grid(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        out = [
-            f"{cell:<{widths[i]}}" if i == 0 else f"{cell:>{widths[i]}}"
-            for i, cell in enumerate(cells)
-        ]
-        return "| " + " | ".join(out) + " |"
-
-    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    lines = [title] if title else []
-    lines += [rule, line(header), rule, *(line(r) for r in rows), rule]
-    return "\n".join(lines)
-
-
-def ms(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" if value < 1 else f"{value:.2f}"
-
-
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from bench.fold import report
+from bench import report
 from bench.fold.micro import per_event_costs
 from bench.fold.phases import PhaseTimer, instrument_ledger
 from bench.fold.runs import FoldRun, Timeline, run_fold, run_raw, verify

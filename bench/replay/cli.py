@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.fold import report
+from bench import report
 from bench.infra import infrastructure
 from bench.replay.workload import random_events, store_events
 from services.ledger import repository as repo

@@ -1,4 +1,4 @@
-"""Machine description, the printed tables and the JSON result."""
+"""What every benchmark prints: the machine, tables, rates, and the JSON result."""
 
 from __future__ import annotations
 
@@ -89,3 +89,9 @@ def rate(value: float | None) -> str:
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}"
