@@ -34,6 +34,13 @@ def setup_events(account: str, balance: int) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+async def fund(ledger: httpx.AsyncClient, pool: asyncpg.Pool, account: str, balance: int) -> None:
+    """The catalog, a funded account and its token, applied by the ledger."""
+    events = setup_events(account, balance)
+    await ledger.post("/events", json=events, headers=AUTH)
+    await wait_for_position(pool, len(events))
+
+
 def ask(cost: int, request_id: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"authorization": f"Bearer {KEY}", "model": "gpt-4o",
                             "route": "/v1/chat/completions", "estimated_cost": cost}  # fmt: skip
@@ -64,9 +71,7 @@ async def test_the_hammer_holds_exactly_what_is_available_on_two_processes(
 ) -> None:
     account = "acct_hammer"
     async with running_ledger(settings) as (_, ledger):
-        events = setup_events(account, 1000)
-        await ledger.post("/events", json=events, headers=AUTH)
-        await wait_for_position(pool, len(events))
+        await fund(ledger, pool, account, 1000)
         policies = await start_policies(quota_processes, pool, 2)
         limits = httpx.Limits(max_connections=100)
         clients = [httpx.AsyncClient(base_url=p.url, limits=limits, timeout=60) for p in policies]
@@ -114,9 +119,7 @@ async def test_the_same_request_id_returns_the_same_reservation_on_either_proces
     settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
 ) -> None:
     async with running_ledger(settings) as (_, ledger):
-        events = setup_events("acct_idem", 100)
-        await ledger.post("/events", json=events, headers=AUTH)
-        await wait_for_position(pool, len(events))
+        await fund(ledger, pool, "acct_idem", 100)
         policies = await start_policies(quota_processes, pool, 2)
         async with httpx.AsyncClient() as client:
             answers = await asyncio.gather(
@@ -138,9 +141,7 @@ async def test_release_is_idempotent_and_an_unknown_id_is_404(
     settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
 ) -> None:
     async with running_ledger(settings) as (_, ledger):
-        events = setup_events("acct_rel", 100)
-        await ledger.post("/events", json=events, headers=AUTH)
-        await wait_for_position(pool, len(events))
+        await fund(ledger, pool, "acct_rel", 100)
         (policy,) = await start_policies(quota_processes, pool, 1)
         async with httpx.AsyncClient(base_url=policy.url) as client:
             held = (await client.post("/authorize", json=ask(40))).json()
@@ -166,9 +167,7 @@ async def test_a_hold_expires_at_its_ttl_and_never_earlier(
     settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
 ) -> None:
     async with running_ledger(settings) as (_, ledger):
-        events = setup_events("acct_ttl", 100)
-        await ledger.post("/events", json=events, headers=AUTH)
-        await wait_for_position(pool, len(events))
+        await fund(ledger, pool, "acct_ttl", 100)
         (policy,) = await start_policies(quota_processes, pool, 1, reservation_ttl_seconds=1.5)
         async with httpx.AsyncClient(base_url=policy.url) as client:
             held = (await client.post("/authorize", json=ask(25))).json()
@@ -198,9 +197,7 @@ async def test_usage_after_release_or_expiry_is_debited_and_releases_nothing_twi
     settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
 ) -> None:
     async with running_ledger(settings) as (_, ledger):
-        events = setup_events("acct_late", 100)
-        await ledger.post("/events", json=events, headers=AUTH)
-        await wait_for_position(pool, len(events))
+        await fund(ledger, pool, "acct_late", 100)
         (policy,) = await start_policies(quota_processes, pool, 1, reservation_ttl_seconds=1.0)
         async with httpx.AsyncClient(base_url=policy.url) as client:
             released = (await client.post("/authorize", json=ask(20))).json()["reservation"]
