@@ -24,17 +24,7 @@ from services.contract.cloudevent import (
 )
 from services.contract.events import (
     ACCOUNT_EVENTS,
-    AccountUsageRecorded,
-    ChannelProviderRateLimited,
-    ChannelRef,
-    ChannelRegistered,
     Event,
-    ReservationEnded,
-    ReservationHeld,
-    ReservationSettled,
-    TokenIssued,
-    TokenRevoked,
-    TokenUpdated,
 )
 from services.ledger import repository as repo
 from services.ledger.chain import chain_hash, payload_hash
@@ -275,21 +265,34 @@ def notify_payload(position: int, changes: Changes) -> dict[str, Any]:
     }
 
 
+_CHANNEL_EVENTS: Final = frozenset(
+    {
+        "quota.channel.registered",
+        "quota.channel.disabled",
+        "quota.channel.enabled",
+        "quota.channel.provider_rate_limited",
+    }
+)
+
+
 def _keys(events: Sequence[Event]) -> repo.StateKeys:
+    """The projection rows a batch may touch (by type string: cheaper than `isinstance` on
+    pydantic models, which goes through their metaclass)."""
     keys = repo.StateKeys(set(), set(), set(), set(), set())
     for event in events:
-        data = event.data
-        if event.type in ACCOUNT_EVENTS:
+        kind = event.type
+        data: Any = event.data  # the model of `kind`
+        if kind in ACCOUNT_EVENTS:
             keys.accounts.add(event.subject)
-        if isinstance(data, TokenIssued):
+        if kind.startswith("quota.token."):
             keys.tokens.add(data.token_id)
-            keys.token_keys.add(data.key_sha256.lower())
-        elif isinstance(data, TokenUpdated | TokenRevoked):
-            keys.tokens.add(data.token_id)
-        elif isinstance(data, ChannelRegistered | ChannelRef | ChannelProviderRateLimited):
+            if kind == "quota.token.issued":
+                keys.token_keys.add(data.key_sha256.lower())
+        elif kind in _CHANNEL_EVENTS:
             keys.channels.add(data.channel_id)
-        elif isinstance(data, AccountUsageRecorded | ReservationHeld | ReservationSettled
-                        | ReservationEnded) and data.reservation_id:  # fmt: skip
+        elif kind.startswith("quota.reservation.") or (
+            kind == "quota.account.usage_recorded" and data.reservation_id
+        ):
             keys.reservations.add(data.reservation_id)
     return keys
 
