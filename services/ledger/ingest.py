@@ -234,11 +234,15 @@ class LocalResult:
     rejected: dict[str, str]
 
 
-async def append_local(conn: asyncpg.Connection, events: Sequence[Event]) -> LocalResult:
+async def append_local(
+    conn: asyncpg.Connection, events: Sequence[Event], head: repo.Head | None = None
+) -> LocalResult:
     """Fold and store events the service emits itself (reservations), in the caller's
-    transaction, serialised with the consumer's batches by the head lock."""
+    transaction, serialised with the consumer's batches by the head lock (`head`: the caller
+    already holds it)."""
     received_at = datetime.now(UTC)
-    head = await repo.lock_head(conn)
+    if head is None:
+        head = await repo.lock_head(conn)
     unique = []
     for event in events:
         payload = canonical_json(event_content(event))

@@ -113,7 +113,7 @@ class Reservations:
     async def _holds_in(
         self, conn: asyncpg.Connection, batch: list[_HoldRequest]
     ) -> list[HoldOutcome]:
-        await repo.lock_head(conn)  # serialise with ledger batches before looking anything up
+        head = await repo.lock_head(conn)  # serialise with ledger batches before any lookup
         now = datetime.now(UTC)
         planned: dict[tuple[str, str], str] = {}
         existing: dict[int, Reservation] = {}
@@ -147,7 +147,7 @@ class Reservations:
                 _event("quota.reservation.held", request.account_id, f"{reservation_id}:held", data)
             )
             reservation_ids.append(reservation_id)
-        result = await append_local(conn, events)
+        result = await append_local(conn, events, head)
         outcomes = []
         for index, request in enumerate(batch):
             if index in existing:
@@ -180,7 +180,7 @@ class Reservations:
 
     async def _end(self, reservation_id: str, type_: str, actor: str) -> Reservation | None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await repo.lock_head(conn)
+            head = await repo.lock_head(conn)
             reservation = await repo.get_reservation(conn, reservation_id)
             if reservation is None or reservation.state != HELD:
                 return reservation
@@ -191,7 +191,7 @@ class Reservations:
                 f"{reservation_id}:{verb}",
                 {"reservation_id": reservation_id, "actor": actor},
             )
-            result = await append_local(conn, [event])
+            result = await append_local(conn, [event], head)
             return result.state.reservations.get(reservation_id, reservation)
 
     async def expire_due(self, now: datetime) -> int:
