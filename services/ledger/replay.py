@@ -144,9 +144,9 @@ _CHAIN_QUERY: Final = """
     WITH c AS (
         SELECT position, prev_hash, hash, content_hash,
                lag(hash, 1, $1::text) OVER w AS want_prev,
-               lag(position, 1, $3::bigint) OVER w AS prev_position,
+               lag(position, 1, 0::bigint) OVER w AS prev_position,
                encode(sha256(convert_to(payload, 'UTF8')), 'hex') AS digest
-        FROM event_store WHERE position > $3 AND position <= $2
+        FROM event_store WHERE position <= $2
         WINDOW w AS (ORDER BY position)
     ), d AS (
         SELECT *, encode(sha256(convert_to(want_prev || ':' || position || ':' || digest,
@@ -160,17 +160,10 @@ _CHAIN_QUERY: Final = """
 """
 
 
-async def check_chain(conn: asyncpg.Connection, upto: int, after: int = 0) -> list[dict[str, Any]]:
-    """Differences in the hash chain over positions `after` < p <= `upto`, named as verify
-    names them (the stored hash at `after` is where the range links on)."""
+async def check_chain(conn: asyncpg.Connection, upto: int) -> list[dict[str, Any]]:
+    """Differences in the hash chain up to `upto`, named as verify names them."""
     out: list[dict[str, Any]] = []
-    link: str | None = GENESIS_HASH
-    if after:
-        link = await conn.fetchval("SELECT hash FROM event_store WHERE position = $1", after)
-        if link is None:  # the event the range links on is missing: a gap
-            out.append(_diff("event_store.position", f"position {after}", after, None))
-            link = ""
-    for row in await conn.fetch(_CHAIN_QUERY, link, upto, after):
+    for row in await conn.fetch(_CHAIN_QUERY, GENESIS_HASH, upto):
         where = f"position {row['position']}"
         if row["position"] != row["prev_position"] + 1:
             out.append(_diff("event_store.position", where, row["prev_position"] + 1,
@@ -243,27 +236,17 @@ def fast_decode(payload: str) -> Event:
 _SNAPSHOT_ID: Final = re.compile(r"[0-9A-Fa-f-]+")
 
 
-async def _chain_in_snapshot(
-    dsn: str, snapshot: str, upto: int, after: int = 0
-) -> list[dict[str, Any]]:
-    """`check_chain` on another connection that sees exactly the caller's snapshot."""
+async def _chain_in_snapshot(dsn: str, snapshot: str, upto: int) -> list[dict[str, Any]]:
+    """`check_chain` on a second connection that sees exactly the caller's snapshot."""
     other: asyncpg.Connection = await asyncpg.connect(dsn)
     try:
         async with other.transaction(isolation="repeatable_read", readonly=True):
             if not _SNAPSHOT_ID.fullmatch(snapshot):  # it is spliced into the statement
                 raise ValueError(f"unexpected snapshot id {snapshot!r}")
             await other.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-            return await check_chain(other, upto, after)
+            return await check_chain(other, upto)
     finally:
         await other.close()
-
-
-async def _both_halves(dsn: str, snapshot: str, upto: int, middle: int) -> list[dict[str, Any]]:
-    first, second = await asyncio.gather(
-        _chain_in_snapshot(dsn, snapshot, middle),
-        _chain_in_snapshot(dsn, snapshot, upto, middle),
-    )
-    return [*first, *second]
 
 
 async def refold_store_fast(
@@ -277,10 +260,7 @@ async def refold_store_fast(
     differences: list[dict[str, Any]] = []
     if dsn:
         snapshot: str = await conn.fetchval("SELECT pg_export_snapshot()")
-        # Two halves on two connections: PostgreSQL hashes on both cores while this
-        # connection's queries and the Python fold interleave with them.
-        middle = upto // 2
-        chain = asyncio.create_task(_both_halves(dsn, snapshot, upto, middle))
+        chain = asyncio.create_task(_chain_in_snapshot(dsn, snapshot, upto))
     else:
         differences = await check_chain(conn, upto)
     money_types = list(MONEY_DELTAS)
