@@ -142,3 +142,20 @@ async def test_tampered_payload_is_reported_and_not_swapped(
     assert {"event_store.content_hash", "event_store.hash"} <= whats
     assert not report.replaced
     assert (await _projections(pool)).accounts["acct_a"].balance == 700
+
+
+async def test_the_chain_check_on_a_second_connection_is_clean_and_finds_a_gap(
+    pool: asyncpg.Pool, history: int, database_url: str
+) -> None:
+    # `quota replay` checks the chain on another connection in the same snapshot (given a dsn).
+    clean = await _replay(pool, check=True, dsn=database_url)
+    assert clean.ok, clean.as_json()
+    middle = history // 2
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("ALTER TABLE event_store DISABLE TRIGGER USER")
+        await conn.execute("DELETE FROM event_store WHERE position = $1", middle)
+        await conn.execute("ALTER TABLE event_store ENABLE TRIGGER USER")
+    report = await _replay(pool, check=False, dsn=database_url)
+    gaps = [d for d in report.history_differences if d["what"] == "event_store.position"]
+    assert gaps and gaps[0]["row"] == f"position {middle + 1}"
+    assert not report.replaced
