@@ -14,13 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.infra.broker import TansuBroker
-from services.infra.postgres import find_or_start_postgres, with_database
+from services.infra.postgres import find_or_start_postgres, run_on_server, with_database
 from services.migrate import upgrade
-from services.settings import asyncpg_dsn
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +30,6 @@ class Infra:
     bootstrap: str
     broker: str
     broker_started: bool
-
-
-async def _admin(server_url: str, statement: str) -> None:
-    conn = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 def tansu_version() -> str:
@@ -79,11 +69,11 @@ def infrastructure(
         stack.callback(handle.stop)
         say(bench, f"postgres: {handle.kind} server")
         name = f"quota_{bench.replace('.', '_')}_{uuid.uuid4().hex[:10]}"
-        asyncio.run(_admin(handle.url, f'CREATE DATABASE "{name}"'))
+        asyncio.run(run_on_server(handle.url, f'CREATE DATABASE "{name}"'))
 
         def drop() -> None:
             statement = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
-            asyncio.run(_admin(handle.url, statement))
+            asyncio.run(run_on_server(handle.url, statement))
 
         stack.callback(drop)
         url = with_database(handle.url, name)

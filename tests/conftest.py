@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from services.infra.postgres import with_database
+from services.infra.postgres import run_on_server, with_database
 from services.infra.topics import ensure_topic
 from services.ledger import repository as repo
 from services.migrate import upgrade
@@ -21,32 +21,27 @@ ADMIN_TOKEN = "test-admin-token"
 PARTITIONS = 4
 
 
-async def _admin(server_url: str, *statements: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="session")
 def template_database(postgres_server_url: str) -> Iterator[str]:
     """A database migrated once with Alembic (never `create_all`), cloned by every test."""
     name = f"quota_tmpl_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(postgres_server_url, f'CREATE DATABASE "{name}"'))
+    asyncio.run(run_on_server(postgres_server_url, f'CREATE DATABASE "{name}"'))
     upgrade(with_database(postgres_server_url, name))
     yield name
-    asyncio.run(_admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(
+        run_on_server(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    )
 
 
 @pytest.fixture
 async def database_url(postgres_server_url: str, template_database: str) -> AsyncIterator[str]:
     """A fresh, migrated database of this test's own."""
     name = f"quota_test_{uuid.uuid4().hex[:10]}"
-    await _admin(postgres_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    await run_on_server(
+        postgres_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'
+    )
     yield with_database(postgres_server_url, name)
-    await _admin(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await run_on_server(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -72,6 +72,18 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + quote(database, safe="")))
 
 
+async def run_on_server(server_url: str, *statements: str) -> None:
+    """Run statements that cannot run in a transaction (CREATE/DROP DATABASE) on a server."""
+    import asyncpg
+
+    conn = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 def find_or_start_postgres(
     workdir: Path,
     *,

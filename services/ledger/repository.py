@@ -235,14 +235,8 @@ async def load_all(conn: asyncpg.Connection) -> State:
     catalog = await load_catalog(conn)
     state.channels, state.models, state.routes = catalog.channels, catalog.models, catalog.routes
     for row in await conn.fetch("SELECT * FROM rate_limits"):
-        key = (row["account_id"], row["model"])
-        state.rate_limits[key] = RateLimit(
-            row["account_id"],
-            row["model"],
-            row["requests"],
-            row["window_seconds"],
-            row["position"],
-        )
+        limit = _rate_limit(row)
+        state.rate_limits[(limit.account_id, limit.model)] = limit
     for row in await conn.fetch("SELECT * FROM reservations"):
         reservation = _reservation(row)
         state.reservations[reservation.reservation_id] = reservation
@@ -586,10 +580,13 @@ async def load_rate_limits(conn: asyncpg.Connection, account_ids: Sequence[str])
     rows = await conn.fetch(
         "SELECT * FROM rate_limits WHERE account_id = ANY($1::text[])", list(account_ids)
     )
-    return [
-        RateLimit(r["account_id"], r["model"], r["requests"], r["window_seconds"], r["position"])
-        for r in rows
-    ]
+    return [_rate_limit(row) for row in rows]
+
+
+def _rate_limit(row: Mapping[str, Any]) -> RateLimit:
+    return RateLimit(
+        row["account_id"], row["model"], row["requests"], row["window_seconds"], row["position"]
+    )
 
 
 async def load_catalog(conn: asyncpg.Connection) -> State:
