@@ -43,7 +43,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from services.ledger import repository as repo
 from services.logs import configure_logging
 from services.policy.app import create_app
 from services.policy.decision import Snapshot, extract_key
@@ -288,7 +287,10 @@ class Dispatcher:
             store: SnapshotStore = self.policy.state.policy.store
             dsn = asyncpg_dsn(self.settings.database_url)
             size = self.state.pool_size
-            self.state.pool = await repo.create_pool(dsn, min_size=size, max_size=size)
+            # A plain asyncpg pool, as such a service would have (not the services' settings).
+            pool = await asyncpg.create_pool(dsn, min_size=size, max_size=size)
+            assert pool is not None
+            self.state.pool = pool
             watcher = asyncio.create_task(self.state.positions.watch(store))
             try:
                 yield

@@ -61,7 +61,7 @@ def canonical_json(value: Any) -> bytes:
 
 def format_time(value: datetime) -> str:
     """RFC 3339 in UTC with a `Z`, the form stored and hashed."""
-    text = value.astimezone(UTC).isoformat()
+    text = (value if value.tzinfo is UTC else value.astimezone(UTC)).isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 

@@ -268,9 +268,11 @@ def apply_event(state: State, changes: Changes, event: Event, position: int) -> 
             account.group, position,
         )  # fmt: skip
     else:
-        account = replace(
-            _apply_account(state, changes, account, event, position), position=position
-        )
+        changed = _apply_account(state, changes, account, event, position)
+        account = Account(
+            changed.account_id, changed.balance, changed.held, changed.status, changed.role,
+            changed.group, position,
+        )  # fmt: skip
     state.accounts[account.account_id] = account
     changes.accounts.add(account.account_id)
     return delta
@@ -372,7 +374,7 @@ def _hold(
         held_position=position,
     )
     changes.reservations.add(data.reservation_id)
-    return replace(account, held=account.held + data.amount)
+    return _with_held(account, account.held + data.amount)
 
 
 def _end_hold(
@@ -401,7 +403,15 @@ def _end_hold(
         ended_by=actor,
     )
     changes.reservations.add(reservation_id)
-    return replace(account, held=account.held - reservation.amount)
+    return _with_held(account, account.held - reservation.amount)
+
+
+def _with_held(account: Account, held: int) -> Account:
+    """`replace(account, held=held)`, without `replace`'s field walk (holds are a hot path)."""
+    return Account(
+        account.account_id, account.balance, held, account.status, account.role, account.group,
+        account.position,
+    )  # fmt: skip
 
 
 def _issue_token(state: State, account: Account, data: ev.TokenIssued, position: int) -> None:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
+import orjson
 
 from services.contract.cloudevent import (
     ID_CONFLICT,
@@ -28,10 +29,13 @@ from services.contract.events import (
 )
 from services.ledger import repository as repo
 from services.ledger.chain import chain_hash, payload_hash
-from services.ledger.fold import Changes, State, fold
+from services.ledger.fold import Account, Changes, State, fold
 
 #: NOTIFY payloads are limited to 8000 bytes; past this many keys we say "reload everything".
 NOTIFY_MAX_KEYS: Final = 100
+#: Up to this many changed accounts are sent as rows, while the payload stays this small.
+NOTIFY_MAX_ROWS: Final = 32
+NOTIFY_MAX_BYTES: Final = 7_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +159,9 @@ async def apply_batch(
     for topic, offsets in by_topic.items():
         await repo.commit_offsets(conn, group_id, topic, offsets)
     if appended.count:
-        await repo.notify_changes(conn, notify_payload(appended.position, appended.changes))
+        await repo.notify_changes(
+            conn, notify_payload(appended.position, appended.changes, appended.state)
+        )
     result.applied = appended.count
     result.position = appended.position
     result.changes = appended.changes
@@ -168,10 +174,14 @@ class Appended:
 
     position: int
     hash: str
-    count: int
+    records: list[repo.EventTuple]
     state: State
     changes: Changes
     rejected: list[tuple[Unique, str]]
+
+    @property
+    def count(self) -> int:
+        return len(self.records)
 
 
 async def _fold_and_append(
@@ -184,6 +194,21 @@ async def _fold_and_append(
 ) -> Appended:
     """Fold first-seen events onto the rows they touch, chain and store what applied."""
     state = await repo.load_state(conn, _keys([u.event for u in unique]))
+    appended = _fold_and_chain(head, unique, state, received_at, derive=derive)
+    await repo.append_events(conn, appended.records)
+    await repo.write_changes(conn, appended.state, appended.changes)
+    return appended
+
+
+def _fold_and_chain(
+    head: repo.Head,
+    unique: Sequence[Unique],
+    state: State,
+    received_at: datetime,
+    *,
+    derive: bool,
+) -> Appended:
+    """Fold first-seen events onto `state` and chain the applied ones after `head`."""
     outcome = fold(state, (u.event for u in unique), head.position + 1, derive=derive)
     by_event = {id(u.event): u for u in unique}
     records: list[repo.EventTuple] = []
@@ -217,11 +242,9 @@ async def _fold_and_append(
             )
         )
         prev = current
-    await repo.append_events(conn, records)
-    await repo.write_changes(conn, outcome.state, outcome.changes)
     rejected = [(by_event[id(r.event)], r.reason) for r in outcome.rejected]
     return Appended(
-        head.position + len(records), prev, len(records), outcome.state, outcome.changes, rejected
+        head.position + len(records), prev, records, outcome.state, outcome.changes, rejected
     )
 
 
@@ -235,11 +258,15 @@ class LocalResult:
 
 
 async def append_local(
-    conn: asyncpg.Connection, events: Sequence[Event], head: repo.Head | None = None
+    conn: asyncpg.Connection,
+    events: Sequence[Event],
+    head: repo.Head | None = None,
+    state: State | None = None,
 ) -> LocalResult:
     """Fold and store events the service emits itself (reservations), in the caller's
     transaction, serialised with the consumer's batches by the head lock (`head`: the caller
-    already holds it)."""
+    already holds it). `state`: the rows the events touch, read by the caller under the lock
+    (else they are loaded here). Everything is written in one statement."""
     received_at = datetime.now(UTC)
     if head is None:
         head = await repo.lock_head(conn)
@@ -247,26 +274,55 @@ async def append_local(
     for event in events:
         payload = canonical_json(event_content(event))
         unique.append(Unique(Decoded(None, event, None), event, payload, payload_hash(payload)))
-    appended = await _fold_and_append(conn, head, unique, received_at, derive=False)
-    await repo.write_head(conn, repo.Head(appended.position, appended.hash, head.duplicates))
-    if appended.count:
-        await repo.notify_changes(conn, notify_payload(appended.position, appended.changes))
+    if state is None:
+        state = await repo.load_state(conn, _keys(events))
+    appended = _fold_and_chain(head, unique, state, received_at, derive=False)
+    notify = (
+        notify_payload(appended.position, appended.changes, appended.state)
+        if appended.count
+        else None
+    )
+    await repo.write_local(
+        conn,
+        appended.records,
+        appended.state,
+        appended.changes,
+        repo.Head(appended.position, appended.hash, head.duplicates),
+        notify,
+    )
     rejected = {u.event.id: reason for u, reason in appended.rejected}
     return LocalResult(appended.position, appended.state, rejected)
 
 
-def notify_payload(position: int, changes: Changes) -> dict[str, Any]:
-    """What changed, small enough for NOTIFY; `all` asks listeners for a full reload."""
+def notify_payload(position: int, changes: Changes, state: State | None = None) -> dict[str, Any]:
+    """What changed, small enough for NOTIFY; `all` asks listeners for a full reload.
+
+    With `state`, a few changed accounts travel as whole rows (`account_rows`: id, balance,
+    held, status, role, group, position), so listeners need not read them back: a hold's
+    commit reaches every policy replica without a query."""
     keys = len(changes.accounts) + len(changes.tokens) + len(changes.rate_limits)
     if keys > NOTIFY_MAX_KEYS:
         return {"position": position, "all": True}
-    return {
+    payload: dict[str, Any] = {
         "position": position,
         "accounts": sorted(changes.accounts),
         "tokens": sorted(changes.tokens),
         "rate_limits": sorted([list(key) for key in changes.rate_limits]),
         "catalog": changes.catalog,
     }
+    if state is not None and 0 < len(changes.accounts) <= NOTIFY_MAX_ROWS:
+        rows = [_account_row(state.accounts[key]) for key in payload["accounts"]]
+        with_rows = {**payload, "accounts": [], "account_rows": rows}
+        if len(orjson.dumps(with_rows)) <= NOTIFY_MAX_BYTES:
+            return with_rows
+    return payload
+
+
+def _account_row(account: Account) -> list[Any]:
+    return [
+        account.account_id, account.balance, account.held, account.status, account.role,
+        account.group, account.position,
+    ]  # fmt: skip
 
 
 _CHANNEL_EVENTS: Final = frozenset(

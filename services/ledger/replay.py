@@ -238,7 +238,7 @@ _SNAPSHOT_ID: Final = re.compile(r"[0-9A-Fa-f-]+")
 
 async def _chain_in_snapshot(dsn: str, snapshot: str, upto: int) -> list[dict[str, Any]]:
     """`check_chain` on a second connection that sees exactly the caller's snapshot."""
-    other: asyncpg.Connection = await asyncpg.connect(dsn)
+    other = await repo.connect(dsn)
     try:
         async with other.transaction(isolation="repeatable_read", readonly=True):
             if not _SNAPSHOT_ID.fullmatch(snapshot):  # it is spliced into the statement
@@ -630,9 +630,8 @@ def replay_command(check: bool, from_kafka: bool) -> int:
     settings = Settings()
 
     async def run() -> ReplayReport:
-        conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
+        conn = await repo.connect(asyncpg_dsn(settings.database_url))
         try:
-            await repo.init_connection(conn)
             total = (await repo.read_head(conn)).position
             with progress_bar(total, sys.stderr.isatty()) as progress:
                 return await replay(

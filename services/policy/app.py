@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 from collections.abc import AsyncIterator
@@ -28,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.contract.cloudevent import format_time
 from services.ledger import repository as repo
-from services.ledger.fold import Account, Reservation
+from services.ledger.fold import Reservation
 from services.policy.decision import (
     INSUFFICIENT_USER_QUOTA,
     RATE_LIMITED,
@@ -83,7 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
         dsn = asyncpg_dsn(settings.database_url)
         store = SnapshotStore(dsn)
         limiter = build_rate_limiter(settings.redis_url)
-        pool = await repo.create_pool(dsn, max_size=4)
+        pool = await repo.create_pool(dsn, max_size=6)
         reservations = Reservations(pool, settings.reservation_ttl_seconds)
         tasks = [asyncio.create_task(store.run()), asyncio.create_task(reservations.run())]
         app.state.policy = Policy(settings, store, limiter, reservations)
@@ -175,10 +174,10 @@ async def authorize_request(
             request.request_id,
             actor=f"token:{body['token_id']}",
         )
-        if held.reservation is None or held.account is None:
+        if held.reservation is None:
             decision = deny(INSUFFICIENT_USER_QUOTA, snapshot.position, key_last6=key[-6:])
         else:
-            decision = _with_reservation(decision, held.reservation, held.account)
+            decision = _with_reservation(decision, held)
     if (
         decision.allowed
         and decision.rate_limit is not None
@@ -267,17 +266,22 @@ class AuthorizeFastPath:
         await response(scope, receive, send)
 
 
-def _with_reservation(decision: Decision, reservation: Reservation, account: Account) -> Decision:
+def _with_reservation(decision: Decision, held: HoldOutcome) -> Decision:
+    reservation = held.reservation
+    assert reservation is not None
     body = dict(decision.body)
-    body["balance"] = account.balance
-    body["available"] = account.balance - account.held
+    body["balance"] = held.balance
+    body["available"] = held.balance - held.held
     body["reservation"] = {
         "id": reservation.reservation_id,
         "amount": reservation.amount,
         "expires_at": format_time(reservation.expires_at),
     }
     body["position"] = max(body["position"], reservation.held_position)
-    return dataclasses.replace(decision, body=body)
+    return Decision(  # not dataclasses.replace: this runs for every hold
+        decision.status, decision.allowed, decision.reason, body, decision.retry_after,
+        decision.rate_limit_key, decision.rate_limit,
+    )  # fmt: skip
 
 
 def reservation_body(reservation: Reservation) -> dict[str, Any]:

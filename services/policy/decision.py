@@ -317,7 +317,11 @@ def _catalog_indexes(state: State) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Snapshot:
-    """A read-only view of the projections at one ledger position, indexed for `decide`."""
+    """A read-only view of the projections at one ledger position, indexed for `decide`.
+
+    `accounts` is a live view of the store's accounts (the hot, often-changing part): the
+    store updates them and moves to the new snapshot without awaiting in between, so a
+    decision, which never awaits, sees one position. The other indexes are rebuilt copies."""
 
     position: int
     accounts: Mapping[str, Account]
@@ -336,7 +340,9 @@ class Snapshot:
     def from_state(cls, state: State, position: int) -> Snapshot:
         return cls(
             position=position,
-            accounts=_freeze(dict(state.accounts)),
+            # A live read-only view: the store moves accounts and position together, between
+            # two decisions, and copying every account per change costs O(accounts).
+            accounts=_freeze(state.accounts),
             **_token_indexes(state),
             **_catalog_indexes(state),
             rate_limits=_freeze(dict(state.rate_limits)),
@@ -355,7 +361,7 @@ class Snapshot:
         """This snapshot moved to `position`, re-indexing only the parts that changed."""
         parts: dict[str, Any] = {"position": position}
         if accounts:
-            parts["accounts"] = _freeze(dict(state.accounts))
+            parts["accounts"] = _freeze(state.accounts)
         if tokens:
             parts.update(_token_indexes(state))
         if catalog:

@@ -19,7 +19,7 @@ import asyncpg
 import structlog
 
 from services.ledger import repository as repo
-from services.ledger.fold import State
+from services.ledger.fold import Account, RateLimit, State, Token
 from services.policy.decision import Snapshot
 
 log = structlog.get_logger("quota.policy.snapshot")
@@ -32,25 +32,54 @@ class _Pending:
     """Notifications received but not yet reloaded, merged."""
 
     all: bool = False
+    #: Accounts to read back.
     accounts: set[str] = field(default_factory=set)
+    #: Accounts whose newest row came in a notification (`account_rows`).
+    account_rows: dict[str, Account] = field(default_factory=dict)
     tokens: set[str] = field(default_factory=set)
     rate_limit_accounts: set[str] = field(default_factory=set)
     catalog: bool = False
     position: int = 0
 
     def merge(self, message: dict[str, Any]) -> None:
+        """Notifications arrive in commit order: a later one's rows replace earlier rows and
+        reads of the same account, and a later read replaces earlier rows."""
         self.position = max(self.position, int(message.get("position", 0)))
         if message.get("all"):
             self.all = True
-        self.accounts.update(message.get("accounts", ()))
+        for account_id in message.get("accounts", ()):
+            self.accounts.add(account_id)
+            self.account_rows.pop(account_id, None)
+        for row in message.get("account_rows", ()):
+            account = Account(*row)
+            self.account_rows[account.account_id] = account
+            self.accounts.discard(account.account_id)
         self.tokens.update(message.get("tokens", ()))
         self.rate_limit_accounts.update(key[0] for key in message.get("rate_limits", ()))
         self.catalog = self.catalog or bool(message.get("catalog"))
 
+    def needs_reading(self) -> bool:
+        return bool(self.accounts or self.tokens or self.rate_limit_accounts or self.catalog)
+
     def empty(self) -> bool:
         return not (
-            self.all or self.accounts or self.tokens or self.rate_limit_accounts or self.catalog
+            self.all
+            or self.accounts
+            or self.account_rows
+            or self.tokens
+            or self.rate_limit_accounts
+            or self.catalog
         )
+
+
+@dataclass(slots=True)
+class _Loaded:
+    """Rows read back for a notification (None: that part was not read)."""
+
+    accounts: list[Account] = field(default_factory=list)
+    tokens: list[Token] = field(default_factory=list)
+    rate_limits: list[RateLimit] | None = None
+    catalog: State | None = None
 
 
 class SnapshotStore:
@@ -89,8 +118,7 @@ class SnapshotStore:
             await self._changed.wait_for(lambda: self.position >= position)
 
     async def _listen_once(self) -> None:
-        conn: asyncpg.Connection = await asyncpg.connect(self.dsn)
-        await repo.init_connection(conn)
+        conn = await repo.connect(self.dsn)
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
         try:
@@ -138,25 +166,24 @@ class SnapshotStore:
             await self._reload_all(conn)
             return
         state = self._state
-        if not pending.empty():  # else a heartbeat: nothing to read
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                if pending.accounts:
-                    for account in await repo.load_accounts(conn, sorted(pending.accounts)):
-                        state.accounts[account.account_id] = account
-                if pending.tokens:
-                    for token in await repo.load_tokens(conn, sorted(pending.tokens)):
-                        state.tokens[token.token_id] = token
-                        state.token_keys[token.key_sha256] = token.token_id
-                if pending.rate_limit_accounts:
-                    accounts = pending.rate_limit_accounts
-                    for key in [k for k in state.rate_limits if k[0] in accounts]:
-                        del state.rate_limits[key]
-                    for limit in await repo.load_rate_limits(conn, sorted(accounts)):
-                        state.rate_limits[(limit.account_id, limit.model)] = limit
-                if pending.catalog:
-                    catalog = await repo.load_catalog(conn)
-                    state.channels, state.models = catalog.channels, catalog.models
-                    state.routes = catalog.routes
+        loaded = await self._read(conn, pending) if pending.needs_reading() else _Loaded()
+        # From here on nothing awaits: the snapshot moves to the new position at once, between
+        # two decisions (the accounts mapping is a live view of `state.accounts`).
+        state.accounts.update(pending.account_rows)
+        for account in loaded.accounts:
+            state.accounts[account.account_id] = account
+        for token in loaded.tokens:
+            state.tokens[token.token_id] = token
+            state.token_keys[token.key_sha256] = token.token_id
+        if loaded.rate_limits is not None:
+            accounts = pending.rate_limit_accounts
+            for key in [k for k in state.rate_limits if k[0] in accounts]:
+                del state.rate_limits[key]
+            for limit in loaded.rate_limits:
+                state.rate_limits[(limit.account_id, limit.model)] = limit
+        if loaded.catalog is not None:
+            state.channels, state.models = loaded.catalog.channels, loaded.catalog.models
+            state.routes = loaded.catalog.routes
         # Notifications arrive in commit order, so every change up to the newest notified
         # position has been reloaded (rows may even be newer, which is only fresher). Only the
         # indexes of what changed are rebuilt; a heartbeat rebuilds nothing.
@@ -167,12 +194,38 @@ class SnapshotStore:
         self.snapshot = self.snapshot.updated(
             state,
             position,
-            accounts=bool(pending.accounts),
+            accounts=bool(pending.accounts or pending.account_rows),
             tokens=bool(pending.tokens),
             catalog=pending.catalog,
             rate_limits=bool(pending.rate_limit_accounts),
         )
         await self._announce()
+
+    @staticmethod
+    async def _read(conn: asyncpg.Connection, pending: _Pending) -> _Loaded:
+        """The rows `pending` names, read in one snapshot (one statement needs no transaction)."""
+        reads = (
+            bool(pending.accounts) + bool(pending.tokens) + bool(pending.rate_limit_accounts)
+            + pending.catalog
+        )  # fmt: skip
+        transaction = (
+            conn.transaction(isolation="repeatable_read", readonly=True)
+            if reads > 1
+            else contextlib.nullcontext()
+        )
+        loaded = _Loaded()
+        async with transaction:
+            if pending.accounts:
+                loaded.accounts = await repo.load_accounts(conn, sorted(pending.accounts))
+            if pending.tokens:
+                loaded.tokens = await repo.load_tokens(conn, sorted(pending.tokens))
+            if pending.rate_limit_accounts:
+                loaded.rate_limits = await repo.load_rate_limits(
+                    conn, sorted(pending.rate_limit_accounts)
+                )
+            if pending.catalog:
+                loaded.catalog = await repo.load_catalog(conn)
+        return loaded
 
     async def _publish(self, position: int) -> None:
         self.snapshot = Snapshot.from_state(self._state, max(position, self.position))

@@ -24,7 +24,10 @@ def test_an_account_change_keeps_the_other_indexes() -> None:
     after = before.updated(state, 4, accounts=True)
     assert after.position == 4
     assert after.accounts["a"].balance == 99
-    assert before.accounts["a"].balance == 10  # the old snapshot is untouched
+    # Accounts are a live read-only view of the store's state, not a copy per change: the
+    # store moves them and the position together, with no await in between.
+    assert before.accounts["a"].balance == 99
+    assert not hasattr(after.accounts, "__setitem__")
     assert after.tokens is before.tokens
     assert after.serving is before.serving
     assert after.routes is before.routes

@@ -1,0 +1,140 @@
+"""The group commit of holds runs in PostgreSQL (`quota_hold()`, migration 0004): it must
+decide exactly as the Python fold does, chain exactly as the ledger does, and notify the policy
+replicas with the rows it wrote. Checked against a model of the rule on random batches, then by
+verify (the Python re-fold of the stored history) and replay --check."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import asyncpg
+import pytest
+
+from services.contract.cloudevent import decode_http_object
+from services.ledger import repository as repo
+from services.ledger.audit import verify
+from services.ledger.ingest import append_local
+from services.ledger.replay import replay
+from services.policy.reservations import HoldOutcome, Reservations, _HoldRequest
+from tests.builders import recharge
+
+ACCOUNTS = ("acct_h1", "acct_h2", "acct_h3")
+UNKNOWN = "acct_never_funded"
+
+
+async def fund(pool: asyncpg.Pool, balances: dict[str, int]) -> None:
+    events = [decode_http_object(recharge(a, amount)) for a, amount in balances.items()]
+    async with pool.acquire() as conn, conn.transaction():
+        result = await append_local(conn, events)
+    assert not result.rejected
+
+
+async def commit(
+    reservations: Reservations, batch: list[tuple[str, int, str | None]]
+) -> list[HoldOutcome]:
+    """One group commit of these holds, in this order."""
+    loop = asyncio.get_running_loop()
+    requests = [
+        _HoldRequest(account, amount, request_id, "test", loop.create_future())
+        for account, amount, request_id in batch
+    ]
+    try:
+        await reservations._commit_holds(requests)
+    finally:
+        await reservations.close()
+    return [request.future.result() for request in requests]
+
+
+@pytest.mark.timeout(120)
+async def test_random_batches_decide_as_the_fold_and_verify_clean(pool: asyncpg.Pool) -> None:
+    rng = random.Random(4)
+    balances = {account: rng.randrange(50, 400) for account in ACCOUNTS}
+    await fund(pool, balances)
+    held = dict.fromkeys(ACCOUNTS, 0)
+    active: dict[tuple[str, str], str] = {}  # (account, request id) -> reservation id
+    reservations = Reservations(pool, ttl_seconds=3_600)
+    outcomes = {"held": 0, "repeated": 0, "insufficient": 0}
+    for _ in range(40):
+        batch = []
+        for _ in range(rng.randrange(1, 12)):
+            account = rng.choice((*ACCOUNTS, *ACCOUNTS, UNKNOWN))
+            request_id = rng.choice((None, None, f"req-{rng.randrange(6)}"))
+            batch.append((account, rng.randrange(1, 60), request_id))
+        for (account, amount, request_id), outcome in zip(
+            batch, await commit(reservations, batch), strict=True
+        ):
+            key = (account, request_id) if request_id is not None else None
+            if key is not None and key in active:
+                assert outcome.repeated and outcome.reservation is not None
+                assert outcome.reservation.reservation_id == active[key]
+                outcomes["repeated"] += 1
+                continue
+            available = balances.get(account, 0) - held.get(account, 0)
+            if account == UNKNOWN or available <= 0 or amount > available:
+                assert outcome.reservation is None and outcome.reason, (account, amount)
+                outcomes["insufficient"] += 1
+                continue
+            assert outcome.reservation is not None and not outcome.repeated
+            assert outcome.reservation.amount == amount
+            held[account] += amount
+            assert (outcome.balance, outcome.held) == (balances[account], held[account])
+            if key is not None:
+                active[key] = outcome.reservation.reservation_id
+            outcomes["held"] += 1
+    assert all(outcomes.values()), outcomes  # every branch was taken
+    async with pool.acquire() as conn:
+        stored = {r["account_id"]: r["held"] for r in await conn.fetch("SELECT * FROM accounts")}
+        report = await verify(conn)
+        check = await replay(conn, check=True)
+    assert stored == held
+    assert report.ok, report.differences[:5]
+    assert check.ok, (check.history_differences[:5], check.differences[:5])
+
+
+async def test_a_commit_notifies_the_rows_it_wrote(pool: asyncpg.Pool, database_url: str) -> None:
+    await fund(pool, {"acct_n": 100})
+    heard: list[dict[str, Any]] = []
+    listener = await repo.connect(database_url)
+    await listener.add_listener(
+        repo.CHANGES_CHANNEL, lambda *args: heard.append(json.loads(args[3]))
+    )
+    try:
+        reservations = Reservations(pool, ttl_seconds=60)
+        first, second, refused = await commit(
+            reservations, [("acct_n", 30, None), ("acct_n", 50, "r1"), ("acct_n", 40, None)]
+        )
+        assert first.reservation and second.reservation and refused.reservation is None
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await listener.close()
+    async with pool.acquire() as conn:
+        head = await repo.read_head(conn)
+        row = await conn.fetchrow("SELECT * FROM accounts WHERE account_id = 'acct_n'")
+    assert heard == [
+        {
+            "position": head.position,
+            "accounts": [],
+            "account_rows": [["acct_n", 100, 80, row["status"], row["role"], row["group_name"],
+                              head.position]],
+            "tokens": [],
+            "rate_limits": [],
+            "catalog": False,
+        }
+    ]  # fmt: skip
+
+
+async def test_a_batch_with_nothing_to_hold_writes_and_notifies_nothing(pool: asyncpg.Pool) -> None:
+    await fund(pool, {"acct_z": 5})
+    async with pool.acquire() as conn:
+        before = await repo.read_head(conn)
+    (outcome,) = await commit(Reservations(pool, ttl_seconds=60), [("acct_z", 6, None)])
+    assert outcome.reservation is None
+    async with pool.acquire() as conn:
+        assert await repo.read_head(conn) == before
+        assert await conn.fetchval("SELECT count(*) FROM reservations") == 0
