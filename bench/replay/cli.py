@@ -24,6 +24,9 @@ from services.settings import asyncpg_dsn
 
 DATABASE_URL_ENV = "QUOTA_BENCH_DATABASE_URL"
 TARGET = 200_000
+#: The phases `ReplayReport.phases` names: re-fold (the chain checked alongside), compare with
+#: the live rows, swap the rebuilt rows in.
+PHASES = ("refold", "compare", "swap")
 
 
 def _step(message: str) -> None:
@@ -89,6 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.grid(["run", "seconds", "events/s", "ok"], rows,
                       title=f"replay of {events:,} events over {args.accounts:,} accounts "
                             f"(target >= {TARGET:,} events/s)"))  # fmt: skip
+    phase_rows = [
+        [label, *(f"{run.phases[name]:.2f}" if name in run.phases else "-" for name in PHASES)]
+        for label, run in (("replay --check", result["check"]),
+                           ("replay (rebuild + swap)", result["rebuild"]))
+    ]  # fmt: skip
+    print(report.grid(["run", *(f"{name} s" for name in PHASES)], phase_rows,
+                      title="where the time goes"))  # fmt: skip
     print(f"rebuilt projections identical to the generator's fold: {result['identical']}")
     out = {
         "when": datetime.now(UTC).isoformat(),
@@ -100,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": {label: {"seconds": float(s), "events_per_second": float(r.replace(",", ""))}
                  for label, s, r, _ in rows},
         "head_hash": result["rebuild"].head_hash,
+        "phases": {"check": result["check"].phases, "rebuild": result["rebuild"].phases},
     }  # fmt: skip
     report.write_json(args.workdir / "replay.json", out)
     return 0 if result["identical"] and result["check"].ok else 1

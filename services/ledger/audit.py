@@ -183,6 +183,8 @@ def _compare_table(
 ) -> None:
     for key in sorted(expected.keys() | found.keys(), key=lambda k: name(k)):
         want, have = expected.get(key), found.get(key)
+        if want == have:  # the common case, decided without building the rows' dicts
+            continue
         if have is None:
             differences.append(_difference(f"{table}.missing", name(key), _row_dict(want), None))
             continue

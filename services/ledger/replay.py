@@ -27,14 +27,13 @@ Folding the store fast (the default)
     The hash chain is checked in SQL (content hashes, links, positions) in the same snapshot.
 
 Writing
-    The replayed state is written with `repository.write_changes` into a scratch schema whose
-    tables are `LIKE <live> INCLUDING ALL` copies of `PROJECTION_TABLES` (a new projection table
-    needs one line there). Then one transaction takes the `ledger_head` row lock (so no ledger
-    batch interleaves), folds any events appended since the snapshot into the scratch tables,
-    compares with the live rows, TRUNCATEs the live tables and `INSERT ... SELECT`s the scratch
-    ones, NOTIFYs listeners to reload everything, and drops the scratch schema. Readers see the
-    old projections or the new ones, never a mix. A history with chain or consistency
-    differences is reported and not swapped in.
+    One transaction takes the `ledger_head` row lock (so no ledger batch interleaves), folds
+    any events appended since the snapshot, compares the replayed state with the live rows,
+    TRUNCATEs `PROJECTION_TABLES` and COPYs the replayed rows into them, and NOTIFYs listeners
+    to reload everything. TRUNCATE gives every table new, empty storage, and PostgreSQL swaps
+    it in at commit (the old storage stays on rollback): readers see the old projections or
+    the new ones, never a mix. A history with chain or consistency differences is reported and
+    not swapped in.
 """
 
 from __future__ import annotations
@@ -45,8 +44,7 @@ import json
 import re
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import datetime
@@ -61,16 +59,9 @@ from services.ledger import repository as repo
 from services.ledger.chain import GENESIS_HASH, chain_hash, payload_hash
 from services.ledger.fold import Account, Changes, FoldError, State, apply_event, fold
 
-#: Every projection table replay rebuilds (and swaps in). A new projection: one line here.
-PROJECTION_TABLES: Final[tuple[str, ...]] = (
-    "accounts",
-    "tokens",
-    "channels",
-    "models",
-    "route_policies",
-    "rate_limits",
-    "reservations",
-)
+#: Every projection table replay rebuilds (and swaps in): those `repository.projection_rows`
+#: writes. A new projection table: its columns and rows there.
+PROJECTION_TABLES: Final[tuple[str, ...]] = tuple(repo.PROJECTION_COLUMNS)
 
 _AMOUNT: Final = "(p #>> '{data,amount}')::numeric"
 
@@ -118,6 +109,8 @@ class ReplayReport:
     differences: list[dict[str, Any]]
     replaced: bool
     seconds: float
+    #: Seconds per phase: refold (with the chain check), compare, swap.
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -133,6 +126,7 @@ class ReplayReport:
             "head_hash": self.head_hash,
             "replaced": self.replaced,
             "seconds": round(self.seconds, 3),
+            "phases": {name: round(seconds, 3) for name, seconds in self.phases.items()},
             "history_differences": self.history_differences,
             "differences": self.differences,
         }
@@ -501,53 +495,34 @@ async def _catch_up(
     return changes, differences
 
 
-async def _search_path(conn: asyncpg.Connection, schema: str) -> None:
-    await conn.execute(f"SET LOCAL search_path TO {schema}")
-
-
 async def rebuild(
-    conn: asyncpg.Connection,
-    history: History,
-    tables: Sequence[str] = PROJECTION_TABLES,
+    conn: asyncpg.Connection, history: History, phases: dict[str, float] | None = None
 ) -> tuple[list[dict[str, Any]], bool]:
-    """Write `history.state` into scratch tables and swap them in (see the module doc).
+    """Swap `history.state` in as the projections (see the module doc).
 
     Returns the differences between the replayed and the previous live projections, and
     whether the swap happened (not when the history itself has differences).
     """
-    live: str = await conn.fetchval("SELECT current_schema()")
-    scratch = f"quota_replay_{uuid.uuid4().hex[:12]}"
+    phases = phases if phases is not None else {}
+    started = time.perf_counter()
     async with conn.transaction():
-        await conn.execute(f"CREATE SCHEMA {scratch}")
-        for table in tables:
-            await conn.execute(
-                f"CREATE TABLE {scratch}.{table} (LIKE {live}.{table} INCLUDING ALL)"
-            )
-        await _search_path(conn, scratch)
-        await repo.write_changes(conn, history.state, all_changes(history.state))
-    try:
-        async with conn.transaction():
-            head = await repo.lock_head(conn)
-            if head.position != history.position:
-                changes, extra = await _catch_up(conn, history, head.position)
-                history.differences.extend(extra)
-                await _search_path(conn, scratch)
-                await repo.write_changes(conn, history.state, changes)
-                await _search_path(conn, live)
-            _check_head_after_lock(history, head)
-            differences = audit.compare_states(history.state, await repo.load_all(conn))
-            if history.differences:
-                return differences, False
-            listed = ", ".join(f"{live}.{t}" for t in tables)
-            await conn.execute(f"TRUNCATE {listed}")
-            for table in tables:
-                # Identifiers: PROJECTION_TABLES, current_schema() and our own scratch name.
-                copy = f"INSERT INTO {live}.{table} SELECT * FROM {scratch}.{table}"  # noqa: S608
-                await conn.execute(copy)
-            await repo.notify_changes(conn, {"position": head.position, "all": True})
-            return differences, True
-    finally:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {scratch} CASCADE")
+        head = await repo.lock_head(conn)
+        if head.position != history.position:
+            _, extra = await _catch_up(conn, history, head.position)
+            history.differences.extend(extra)
+        _check_head_after_lock(history, head)
+        differences = audit.compare_states(history.state, await repo.load_all(conn))
+        phases["compare"] = time.perf_counter() - started
+        if history.differences:
+            return differences, False
+        started = time.perf_counter()
+        # TRUNCATE gives each table new, empty storage; the old storage is dropped at commit
+        # (and kept on rollback): fresh tables, swapped in atomically.
+        await conn.execute(f"TRUNCATE {', '.join(PROJECTION_TABLES)}")
+        await repo.copy_projections(conn, history.state)
+        await repo.notify_changes(conn, {"position": head.position, "all": True})
+    phases["swap"] = time.perf_counter() - started
+    return differences, True
 
 
 def _check_head_after_lock(history: History, head: repo.Head) -> None:
@@ -574,16 +549,19 @@ async def replay(
 
     With `dsn`, a second connection checks the hash chain in parallel."""
     started = time.perf_counter()
+    phases: dict[str, float] = {}
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         if from_kafka:
             history = await refold_kafka(conn, kafka_bootstrap, topic, progress)
         else:
             history = await refold_store(conn, accelerated=accelerated, progress=progress, dsn=dsn)
+        phases["refold"] = time.perf_counter() - started
         if check:
             differences = audit.compare_states(history.state, await repo.load_all(conn))
+            phases["compare"] = time.perf_counter() - started - phases["refold"]
     replaced = False
     if not check:
-        differences, replaced = await rebuild(conn, history)
+        differences, replaced = await rebuild(conn, history, phases)
     return ReplayReport(
         source="kafka" if from_kafka else "store",
         check=check,
@@ -594,6 +572,7 @@ async def replay(
         differences=differences,
         replaced=replaced,
         seconds=time.perf_counter() - started,
+        phases=phases,
     )
 
 

@@ -39,8 +39,23 @@ SERVER_SETTINGS: Final = {"plan_cache_mode": "force_custom_plan"}
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
-    """Codec setup for every pooled connection."""
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    """Codec setup for every pooled connection: jsonb as Python values, in the binary format
+    (a version byte, then the JSON text) so that binary COPY can write it too."""
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=_jsonb_encode,
+        decoder=_jsonb_decode,
+        schema="pg_catalog",
+        format="binary",
+    )
+
+
+def _jsonb_encode(value: Any) -> bytes:
+    return b"\x01" + json.dumps(value).encode()
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    return json.loads(data[1:])
 
 
 async def connect(dsn: str) -> asyncpg.Connection:
@@ -447,12 +462,8 @@ async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes
                 models = EXCLUDED.models, groups = EXCLUDED.groups, enabled = EXCLUDED.enabled,
                 rate_limited_until = EXCLUDED.rate_limited_until, position = EXCLUDED.position
             """,
-            [
-                (c.channel_id, list(c.models), list(c.groups), c.enabled,
-                 c.rate_limited_until, c.position)
-                for c in (state.channels[key] for key in sorted(changes.channels))
-            ],
-        )  # fmt: skip
+            [_channel_tuple(state.channels[key]) for key in sorted(changes.channels)],
+        )
     if changes.models:
         await conn.executemany(
             """
@@ -460,10 +471,7 @@ async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes
             ON CONFLICT (model) DO UPDATE SET
                 kind = EXCLUDED.kind, limits = EXCLUDED.limits, position = EXCLUDED.position
             """,
-            [
-                (m.model, m.kind, m.limits, m.position)
-                for m in (state.models[key] for key in sorted(changes.models))
-            ],
+            [_model_tuple(state.models[key]) for key in sorted(changes.models)],
         )
     if changes.routes:
         await conn.executemany(
@@ -472,10 +480,7 @@ async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes
             ON CONFLICT (route) DO UPDATE SET
                 min_role = EXCLUDED.min_role, position = EXCLUDED.position
             """,
-            [
-                (r.route, r.min_role, r.position)
-                for r in (state.routes[key] for key in sorted(changes.routes))
-            ],
+            [_route_tuple(state.routes[key]) for key in sorted(changes.routes)],
         )
     if changes.rate_limits:
         present = [
@@ -491,10 +496,7 @@ async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes
                     requests = EXCLUDED.requests, window_seconds = EXCLUDED.window_seconds,
                     position = EXCLUDED.position
                 """,
-                [
-                    (r.account_id, r.model, r.requests, r.window_seconds, r.position)
-                    for r in present
-                ],
+                [_rate_limit_tuple(r) for r in present],
             )
         if removed:
             await conn.executemany(
@@ -511,12 +513,68 @@ async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes
                 state = EXCLUDED.state, ended_position = EXCLUDED.ended_position,
                 settled_amount = EXCLUDED.settled_amount, ended_by = EXCLUDED.ended_by
             """,
-            [
-                (r.reservation_id, r.account_id, r.amount, r.request_id, r.state,
-                 r.expires_at, r.held_position, r.ended_position, r.settled_amount, r.ended_by)
-                for r in (state.reservations[key] for key in sorted(changes.reservations))
-            ],
-        )  # fmt: skip
+            [_reservation_tuple(state.reservations[key]) for key in sorted(changes.reservations)],
+        )
+
+
+#: Every projection table and its columns, in the order of `projection_rows`' tuples.
+PROJECTION_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
+    "accounts": ("account_id", "balance", "held", "status", "role", "group_name", "position"),
+    "tokens": ("token_id", "account_id", "key_sha256", "key_last6", "expires_at",
+               "allowed_cidrs", "allowed_models", "revoked", "position"),
+    "channels": ("channel_id", "models", "groups", "enabled", "rate_limited_until", "position"),
+    "models": ("model", "kind", "limits", "position"),
+    "route_policies": ("route", "min_role", "position"),
+    "rate_limits": ("account_id", "model", "requests", "window_seconds", "position"),
+    "reservations": ("reservation_id", "account_id", "amount", "request_id", "state",
+                     "expires_at", "held_position", "ended_position", "settled_amount",
+                     "ended_by"),
+}  # fmt: skip
+
+
+def projection_rows(state: State) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every projection table that `state` holds, per table."""
+    return {
+        "accounts": [
+            (a.account_id, a.balance, a.held, a.status, a.role, a.group, a.position)
+            for a in state.accounts.values()
+        ],
+        "tokens": [_token_tuple(t) for t in state.tokens.values()],
+        "channels": [_channel_tuple(c) for c in state.channels.values()],
+        "models": [_model_tuple(m) for m in state.models.values()],
+        "route_policies": [_route_tuple(r) for r in state.routes.values()],
+        "rate_limits": [_rate_limit_tuple(r) for r in state.rate_limits.values()],
+        "reservations": [_reservation_tuple(r) for r in state.reservations.values()],
+    }
+
+
+async def copy_projections(conn: asyncpg.Connection, state: State) -> None:
+    """COPY every row of `state` into the projection tables, which the caller has emptied."""
+    for table, rows in projection_rows(state).items():
+        if rows:
+            await conn.copy_records_to_table(table, records=rows, columns=PROJECTION_COLUMNS[table])
+
+
+def _channel_tuple(c: Channel) -> tuple[Any, ...]:
+    return (c.channel_id, list(c.models), list(c.groups), c.enabled, c.rate_limited_until,
+            c.position)  # fmt: skip
+
+
+def _model_tuple(m: ModelSpec) -> tuple[Any, ...]:
+    return (m.model, m.kind, m.limits, m.position)
+
+
+def _route_tuple(r: RoutePolicy) -> tuple[Any, ...]:
+    return (r.route, r.min_role, r.position)
+
+
+def _rate_limit_tuple(r: RateLimit) -> tuple[Any, ...]:
+    return (r.account_id, r.model, r.requests, r.window_seconds, r.position)
+
+
+def _reservation_tuple(r: Reservation) -> tuple[Any, ...]:
+    return (r.reservation_id, r.account_id, r.amount, r.request_id, r.state, r.expires_at,
+            r.held_position, r.ended_position, r.settled_amount, r.ended_by)  # fmt: skip
 
 
 def _reservation(row: Mapping[str, Any]) -> Reservation:
