@@ -19,7 +19,7 @@ import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -204,12 +204,15 @@ async def measure_freshness(
                 )
             reached = answer.json()["reached_ns"]
             if index >= warmup:
-                samples.append(
-                    FreshSample(position, produced, acked, consumer.committed_ns(position), reached)
-                )
+                samples.append(FreshSample(position, produced, acked, None, reached))
     finally:
         await producer.stop()
-    return samples
+    # The notification reaches the snapshot at COMMIT, which can be before the consumer has
+    # recorded its new position: look the commit stamps up once it has caught up.
+    deadline = time.monotonic() + 30
+    while samples and consumer.position < samples[-1].position and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return [replace(s, committed_ns=consumer.committed_ns(s.position)) for s in samples]
 
 
 def freshness_report(samples: Sequence[FreshSample]) -> dict[str, Any]:
