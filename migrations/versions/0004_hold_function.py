@@ -51,7 +51,8 @@ DECLARE
     a_balance bigint[];
     a_held bigint[];
     a_position bigint[];
-    -- active reservations of the batch's request ids (found before the batch)
+    -- held, unexpired reservations of the batch's request ids: stored before the batch, then
+    -- those this batch holds
     f_accounts text[];
     f_requests text[];
     f_ids text[];
@@ -103,25 +104,6 @@ BEGIN
         k := array_position(a_ids, p_accounts[i]);
         j := NULL;
         IF p_requests[i] IS NOT NULL THEN
-            -- an earlier hold of this batch with the same account and request id, else one
-            -- stored before
-            FOR e IN 1 .. i - 1 LOOP
-                IF o_outcome[e] = 'held' AND p_accounts[e] = p_accounts[i]
-                        AND p_requests[e] = p_requests[i] THEN
-                    j := e;
-                    EXIT;
-                END IF;
-            END LOOP;
-            IF j IS NOT NULL THEN
-                o_outcome := o_outcome || 'repeated'::text;
-                o_id := o_id || o_id[j];
-                o_amount := o_amount || o_amount[j];
-                o_expires := o_expires || o_expires[j];
-                o_position := o_position || o_position[j];
-                o_balance := o_balance || a_balance[k];
-                o_held := o_held || a_held[k];
-                CONTINUE;
-            END IF;
             FOR e IN 1 .. coalesce(array_length(f_ids, 1), 0) LOOP
                 IF f_accounts[e] = p_accounts[i] AND f_requests[e] = p_requests[i] THEN
                     j := e;
@@ -159,6 +141,14 @@ BEGIN
         s_hash := s_hash || v_hash;
         a_held[k] := a_held[k] + p_amounts[i];
         a_position[k] := v_position;
+        IF p_requests[i] IS NOT NULL THEN  -- a later hold of this batch may repeat it
+            f_accounts := f_accounts || p_accounts[i];
+            f_requests := f_requests || p_requests[i];
+            f_ids := f_ids || p_reservations[i];
+            f_amounts := f_amounts || p_amounts[i];
+            f_expires := f_expires || p_expires[i];
+            f_positions := f_positions || v_position;
+        END IF;
         o_outcome := o_outcome || 'held'::text;
         o_id := o_id || p_reservations[i];
         o_amount := o_amount || p_amounts[i];
