@@ -250,17 +250,32 @@ class Reservations:
             return result.state.reservations.get(reservation_id, reservation)
 
     async def expire_due(self, now: datetime) -> int:
-        """Expire held reservations whose TTL has passed (never earlier)."""
+        """Expire held reservations whose TTL has passed (never earlier): up to SWEEP_LIMIT at
+        a time, in one transaction under the head lock (so replicas sweeping at once never
+        end a hold twice). Returns how many expired."""
         async with self.pool.acquire() as conn:
-            due = await repo.due_reservations(conn, now, SWEEP_LIMIT)
-        expired = 0
-        for reservation in due:
-            ended = await self._end(
-                reservation.reservation_id, "quota.reservation.expired", "policy:ttl"
-            )
-            if ended is not None and ended.state == "expired":
-                expired += 1
-        return expired
+            if not await repo.due_reservations(conn, now, 1):
+                return 0  # the usual case: nothing due, no lock taken
+            expired = 0
+            while True:
+                async with conn.transaction():
+                    head = await repo.lock_head(conn)
+                    due = await repo.due_reservations(conn, now, SWEEP_LIMIT)
+                    if not due:
+                        return expired
+                    events = [
+                        _event(
+                            "quota.reservation.expired",
+                            reservation.account_id,
+                            f"{reservation.reservation_id}:expired",
+                            {"reservation_id": reservation.reservation_id, "actor": "policy:ttl"},
+                        )
+                        for reservation in due
+                    ]
+                    result = await append_local(conn, events, head)
+                expired += len(due) - len(result.rejected)
+                if len(due) < SWEEP_LIMIT:
+                    return expired
 
     async def _sweep_forever(self) -> None:
         interval = min(1.0, max(0.05, self.ttl.total_seconds() / 10))

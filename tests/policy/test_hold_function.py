@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -18,7 +19,7 @@ from services.ledger import repository as repo
 from services.ledger.audit import verify
 from services.ledger.ingest import append_local
 from services.ledger.replay import replay
-from services.policy.reservations import HoldOutcome, Reservations, _HoldRequest
+from services.policy.reservations import SWEEP_LIMIT, HoldOutcome, Reservations, _HoldRequest
 from tests.builders import recharge
 
 ACCOUNTS = ("acct_h1", "acct_h2", "acct_h3")
@@ -138,3 +139,34 @@ async def test_a_batch_with_nothing_to_hold_writes_and_notifies_nothing(pool: as
     async with pool.acquire() as conn:
         assert await repo.read_head(conn) == before
         assert await conn.fetchval("SELECT count(*) FROM reservations") == 0
+
+
+@pytest.mark.timeout(120)
+async def test_two_sweepers_expire_a_backlog_in_batches_each_hold_once(pool: asyncpg.Pool) -> None:
+    """More holds are due than one sweep takes (SWEEP_LIMIT): two replicas' sweepers, at once,
+    expire every one exactly once, each batch in one transaction, never before its TTL."""
+    await fund(pool, {"acct_ttl": 10**9})
+    first = Reservations(pool, ttl_seconds=0.5)
+    total = SWEEP_LIMIT * 2 + 100
+    for start in range(0, total, 100):
+        outcomes = await commit(first, [("acct_ttl", 1, None)] * min(100, total - start))
+        assert all(o.reservation is not None for o in outcomes)
+    second = Reservations(pool, ttl_seconds=0.5)
+    assert await first.expire_due(datetime.now(UTC) - timedelta(seconds=1)) == 0  # none due yet
+    await asyncio.sleep(0.6)
+    now = datetime.now(UTC)
+    counts = await asyncio.gather(first.expire_due(now), second.expire_due(now))
+    assert sum(counts) == total, counts
+    async with pool.acquire() as conn:
+        states = dict(await conn.fetch("SELECT state, count(*) FROM reservations GROUP BY state"))
+        ended = await conn.fetchval(
+            "SELECT count(*) FROM event_store WHERE type = 'quota.reservation.expired'"
+        )
+        early = await conn.fetchval(
+            "SELECT count(*) FROM event_store e JOIN reservations r"
+            " ON e.event_id = r.reservation_id || ':expired' WHERE e.time < r.expires_at"
+        )
+        held = await conn.fetchval("SELECT held FROM accounts WHERE account_id = 'acct_ttl'")
+        report = await verify(conn)
+    assert states == {"expired": total} and ended == total and early == 0 and held == 0
+    assert report.ok, report.differences[:5]
