@@ -30,13 +30,13 @@ from services.ledger import repository as repo
 from services.ledger.fold import Reservation
 from services.policy.decision import (
     INSUFFICIENT_USER_QUOTA,
-    RATE_LIMITED,
     AuthorizeRequest,
     Decision,
     Snapshot,
     decide,
     deny,
     extract_key,
+    rate_limited,
 )
 from services.policy.ratelimit import RateLimiter, build_rate_limiter
 from services.policy.reservations import HoldOutcome, Reservations
@@ -191,13 +191,7 @@ async def authorize_request(
                 await policy.reservations.release(
                     held.reservation.reservation_id, "policy:rate_limited"
                 )
-            decision = deny(
-                RATE_LIMITED,
-                snapshot.position,
-                key_last6=key[-6:],
-                model=model,
-                retry_after=retry_after,
-            )
+            decision = rate_limited(decision, retry_after)
     _count(decision.reason or "allowed")
     return decision
 

@@ -1,10 +1,13 @@
 """The policy decision: one pure function from a request and a snapshot of the projections.
 
-`decide(request, snapshot, now, rate_limit)` runs the checks of POST /authorize (CONTRACT §3) in
-the contract's order; the first that fails decides. It does no I/O: the clock is a parameter,
-the projections come frozen in a `Snapshot`, and the per-account rate limiter of check 14 is an
-injected callable. Holding a reservation (section 5) is the service's job, after an allowed
-decision; the decision leaves `"reservation": null` in the body for it to fill in.
+`decide(request, snapshot, now)` runs the checks of POST /authorize (CONTRACT §3) in the
+contract's order; the first that fails decides. It does no I/O: the clock is a parameter and
+the projections come in a `Snapshot`. Check 14 needs a counter shared by the service (in
+process or in Redis), so `decide` stops at naming it: an allowed decision carries the account's
+limit for the model (`rate_limit_key`, `rate_limit`), the service counts the request against
+it, and `rate_limited(decision, retry_after)` is the 429 when the window is full. Holding a
+reservation (section 5) is the service's job too, after an allowed decision; the decision
+leaves `"reservation": null` in the body for it to fill in.
 
 Choices where the contract is silent (documented here, tested in tests/policy):
 
@@ -38,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -381,16 +384,6 @@ class Snapshot:
 # --------------------------------------------------------------------------------------------
 # The decision
 
-#: `rate_limit(account_id, model, limit, now)`: None when the request may go (and is counted),
-#: else the whole seconds until it may be retried.
-RateLimiter = Callable[[str, str, RateLimit, datetime], int | None]
-
-
-def no_rate_limit(account_id: str, model: str, limit: RateLimit, now: datetime) -> int | None:
-    """A limiter that never limits: the default, for callers that count elsewhere."""
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class Decision:
     status: int
@@ -398,7 +391,7 @@ class Decision:
     reason: str | None
     body: dict[str, Any]
     retry_after: int | None = None
-    #: The (account_id, model) counter check 14 used, and the limit it applied; None when the
+    #: The (account_id, model) counter of check 14 and the limit to apply to it; None when the
     #: account has no limit for the model or the decision stopped before check 14.
     rate_limit_key: tuple[str, str] | None = None
     rate_limit: RateLimit | None = None
@@ -430,6 +423,21 @@ def deny(
         "position": position,
     }
     return Decision(spec.status, False, reason, body, retry_after, rate_limit_key, rate_limit)
+
+
+def rate_limited(decision: Decision, retry_after: int) -> Decision:
+    """Check 14 failed: the 429 for an allowed `decision` whose window is full, to retry after
+    `retry_after` seconds (at least 1)."""
+    if decision.rate_limit_key is None:
+        raise ValueError("only a decision that names a rate limit can be rate limited")
+    return deny(
+        RATE_LIMITED,
+        decision.body["position"],
+        model=decision.rate_limit_key[1],
+        retry_after=max(retry_after, 1),
+        rate_limit_key=decision.rate_limit_key,
+        rate_limit=decision.rate_limit,
+    )
 
 
 _BEARER: Final = re.compile(r"bearer(?:\s+(.*))?", re.IGNORECASE | re.DOTALL)
@@ -542,13 +550,9 @@ def _resolve_key(key: str, snapshot: Snapshot) -> tuple[Token, str, str | None] 
     return None
 
 
-def decide(
-    request: AuthorizeRequest,
-    snapshot: Snapshot,
-    now: datetime,
-    rate_limit: RateLimiter = no_rate_limit,
-) -> Decision:
-    """Run the contract's checks in order; the first that fails decides."""
+def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Decision:
+    """Run the contract's checks in order; the first that fails decides (check 14: see the
+    module doc and `rate_limited`)."""
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     position = snapshot.position
@@ -644,20 +648,9 @@ def decide(
     if available <= 0 or (cost is not None and cost > available):
         return deny(INSUFFICIENT_USER_QUOTA, position)
 
-    # 14. The account's rate limit for the model.
+    # 14. The account's rate limit for the model: named here, counted by the service.
     limit = snapshot.rate_limit_for(account.account_id, model)
     counter = (account.account_id, model) if limit is not None else None
-    if limit is not None:
-        wait = rate_limit(account.account_id, model, limit, now)
-        if wait is not None:
-            return deny(
-                RATE_LIMITED,
-                position,
-                model=model,
-                retry_after=max(wait, 1),
-                rate_limit_key=counter,
-                rate_limit=limit,
-            )
 
     body: dict[str, Any] = {
         "allowed": True,

@@ -26,12 +26,12 @@ from services.policy.decision import (
     ERRORS,
     AuthorizeRequest,
     Decision,
-    RateLimiter,
     RouteTable,
     Snapshot,
     decide,
     extract_key,
     parse_pin,
+    rate_limited,
 )
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -180,6 +180,11 @@ def with_channel(state: State, channel_id: int, **fields: Any) -> State:
     return state
 
 
+#: `rate_limit(account_id, model, limit, now)`: None when the request may go, else the seconds
+#: until it may be retried (the service's limiter, as a function).
+RateLimiter = Callable[[str, str, RateLimit, datetime], int | None]
+
+
 def limiter(retry: int | None) -> RateLimiter:
     def rate_limit(account_id: str, model: str, limit: RateLimit, now: datetime) -> int | None:
         return retry
@@ -192,10 +197,15 @@ def run(
     snapshot: Snapshot | None = None,
     rate_limit: RateLimiter | None = None,
 ) -> Decision:
+    """`decide`, then check 14 as the service runs it: the limit the decision names is
+    counted (by `rate_limit`), and a full window turns it into `rate_limited`."""
     snapshot = snapshot if snapshot is not None else snap()
-    if rate_limit is None:
-        return decide(request, snapshot, NOW)
-    return decide(request, snapshot, NOW, rate_limit)
+    decision = decide(request, snapshot, NOW)
+    if rate_limit is None or decision.rate_limit is None or decision.rate_limit_key is None:
+        return decision
+    account_id, model = decision.rate_limit_key
+    wait = rate_limit(account_id, model, decision.rate_limit, NOW)
+    return decision if wait is None else rate_limited(decision, wait)
 
 
 # --------------------------------------------------------------------------------------------
