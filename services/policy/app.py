@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 
+import asyncpg
 import orjson
 import structlog
 from fastapi import FastAPI, Header, Request
@@ -50,6 +51,9 @@ DECISIONS = Counter("quota_policy_decisions_total", "Decisions by outcome", ["re
 INVALID_REQUEST: Final = "invalid_request"
 SERVICE_TOKEN_INVALID: Final = "service_token_invalid"
 SNAPSHOT_STALE: Final = "snapshot_stale"
+RESERVATION_UNAVAILABLE: Final = "reservation_unavailable"
+#: What a lost or refusing database raises; a hold that meets one is answered 503.
+DATABASE_FAILURES: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 REQUEST_TOO_LARGE: Final = "request_too_large"
 
 
@@ -118,6 +122,21 @@ def _error(status: int, reason: str, message: str, position: int, type_: str) ->
     return FastJSONResponse(body, status_code=status, headers=headers)
 
 
+def _reservation_unavailable(position: int) -> Decision:
+    """503: the hold could not be written (the database failed); retry after a second."""
+    body = {
+        "allowed": False,
+        "error": {
+            "message": "Quota could not be reserved right now; try again later.",
+            "type": "service_unavailable",
+            "code": RESERVATION_UNAVAILABLE,
+            "reason": RESERVATION_UNAVAILABLE,
+        },
+        "position": position,
+    }
+    return Decision(503, False, RESERVATION_UNAVAILABLE, body, retry_after=1)
+
+
 def _service_refusal(policy: Policy, service_token: str | None) -> JSONResponse | None:
     """401 when a service token is configured and the gateway did not send it."""
     expected = policy.settings.service_token
@@ -168,12 +187,19 @@ async def authorize_request(
     held: HoldOutcome | None = None
     if decision.allowed and request.estimated_cost is not None:
         body = decision.body
-        held = await policy.reservations.hold(
-            body["account_id"],
-            request.estimated_cost,
-            request.request_id,
-            actor=f"token:{body['token_id']}",
-        )
+        try:
+            held = await policy.reservations.hold(
+                body["account_id"],
+                request.estimated_cost,
+                request.request_id,
+                actor=f"token:{body['token_id']}",
+            )
+        except DATABASE_FAILURES as exc:
+            # Nothing was held (the statement is one transaction): refuse, never fail open.
+            log.warning("hold failed", error=str(exc), account_id=body["account_id"])
+            decision = _reservation_unavailable(snapshot.position)
+            _count(RESERVATION_UNAVAILABLE)
+            return decision
         if held.reservation is None:
             decision = deny(INSUFFICIENT_USER_QUOTA, snapshot.position, key_last6=key[-6:])
         else:
@@ -188,9 +214,12 @@ async def authorize_request(
         retry_after = await policy.limiter.hit(account_id, model, decision.rate_limit)
         if retry_after is not None:
             if held is not None and held.reservation is not None:
-                await policy.reservations.release(
-                    held.reservation.reservation_id, "policy:rate_limited"
-                )
+                try:
+                    await policy.reservations.release(
+                        held.reservation.reservation_id, "policy:rate_limited"
+                    )
+                except DATABASE_FAILURES as exc:  # the TTL ends it instead
+                    log.warning("release after 429 failed", error=str(exc))
             decision = rate_limited(decision, retry_after)
     _count(decision.reason or "allowed")
     return decision
@@ -315,7 +344,10 @@ DENIED_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"description": "IP, suspension, permission, model, pin, channel or quota denial"},
     413: {"description": "Request body too large"},
     429: {"description": "Rate limited (Retry-After)"},
-    503: {"description": "Model unavailable, provider rate limited (Retry-After), or stale"},
+    503: {
+        "description": "Model unavailable, provider rate limited, a stale snapshot, or a hold "
+        "that could not be written (Retry-After)"
+    },
 }
 
 

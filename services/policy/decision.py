@@ -384,6 +384,7 @@ class Snapshot:
 # --------------------------------------------------------------------------------------------
 # The decision
 
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     status: int

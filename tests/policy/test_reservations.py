@@ -163,6 +163,38 @@ async def test_release_is_idempotent_and_an_unknown_id_is_404(
 
 
 @pytest.mark.timeout(120)
+async def test_a_hold_the_database_refuses_is_a_503_and_holds_nothing(
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
+) -> None:
+    """The hold statement fails (here: its function is missing): 503 reservation_unavailable
+    with Retry-After, nothing held, the process keeps serving; once it works again, so do
+    holds."""
+    async with running_ledger(settings) as (_, ledger):
+        await fund(ledger, pool, "acct_down", 100)
+        (policy,) = await start_policies(quota_processes, pool, 1)
+        async with httpx.AsyncClient(base_url=policy.url) as client:
+            async with pool.acquire() as conn:
+                await conn.execute("ALTER FUNCTION quota_hold RENAME TO quota_hold_away")
+            try:
+                refused = await client.post("/authorize", json=ask(40))
+                check_only = await client.post(
+                    "/authorize", json={**ask(40), "estimated_cost": None}
+                )
+            finally:
+                async with pool.acquire() as conn:
+                    await conn.execute("ALTER FUNCTION quota_hold_away RENAME TO quota_hold")
+            held = await client.post("/authorize", json=ask(40))
+        account = (await ledger.get("/accounts/acct_down", headers=AUTH)).json()
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["allowed"] is False
+    assert refused.json()["error"]["reason"] == "reservation_unavailable"
+    assert check_only.status_code == 200
+    assert held.status_code == 200 and held.json()["reservation"]["amount"] == 40
+    assert (account["held"], account["available"]) == (40, 60)
+
+
+@pytest.mark.timeout(120)
 async def test_a_hold_expires_at_its_ttl_and_never_earlier(
     settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
 ) -> None:
