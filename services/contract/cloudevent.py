@@ -169,6 +169,10 @@ def to_event(cloud_event: BaseCloudEvent, *, time_given: bool) -> Event:
         raw_data = {}
     if not isinstance(raw_data, dict):
         raise Rejection(BAD_DATA, "data must be a JSON object")
+    attributes = (cloud_event.get_id(), cloud_event.get_source(), event_type, subject)
+    if any("\x00" in value for value in attributes) or _holds_nul(raw_data):
+        # PostgreSQL text cannot hold U+0000: such an event could never be stored.
+        raise Rejection(BAD_DATA, "a string contains U+0000 (NUL), which cannot be stored")
     try:
         data = model.model_validate(raw_data)
     except ValidationError as exc:
@@ -182,6 +186,17 @@ def to_event(cloud_event: BaseCloudEvent, *, time_given: bool) -> Event:
         data=data,
         raw_data=raw_data,
     )
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether any string in a JSON value (keys included) contains U+0000."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 def encode_structured(event: Event) -> bytes:

@@ -361,20 +361,29 @@ def _quarantined(item: Decoded, rejection: Rejection, received_at: datetime) -> 
     record = item.record
     assert record is not None, "only received records are quarantined"
     return repo.Quarantined(
-        reason=rejection.reason,
+        reason=_storable(rejection.reason),
         code=rejection.code,
         event_id=item.event.id if item.event is not None else None,
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
         raw=record.value,
-        headers=[[name, _header_text(value)] for name, value in record.headers],
+        headers=[[_storable(name), _header_text(value)] for name, value in record.headers],
         received_at=received_at,
     )
 
 
 def _header_text(value: bytes) -> str:
+    """A header value as stored: its text, or base64 when it is not UTF-8 or holds a NUL."""
     try:
-        return value.decode()
+        text = value.decode()
     except UnicodeDecodeError:
+        text = "\x00"
+    if "\x00" in text:
         return "base64:" + base64.b64encode(value).decode()
+    return text
+
+
+def _storable(text: str) -> str:
+    """`text` with U+0000, which PostgreSQL text and jsonb cannot hold, written as `\\x00`."""
+    return text.replace("\x00", "\\x00")

@@ -88,7 +88,10 @@ class AuthorizeRequest(BaseModel):
     channel_id: StrictStr | StrictInt | None = None
     request: RequestFields = Field(default_factory=RequestFields)
     estimated_cost: Annotated[StrictInt, Field(gt=0, le=INT64_MAX)] | None = None
-    request_id: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
+    #: Stored with the hold, so no U+0000 (PostgreSQL text cannot hold it).
+    request_id: (
+        Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")] | None
+    ) = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ projections; poison messages are quarantined and the fold goes on."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
 import asyncpg
@@ -86,6 +87,25 @@ async def test_poison_messages_are_quarantined_and_the_fold_goes_on(
         (b"acct_p", structured(recharge("acct_p", -5)), []),
         (b"acct_p", structured(cloud_event("quota.account.recharged", "acct_p", {})), []),
         (b"acct_p", b"\xff\xfe\x00binary", []),
+        # U+0000 cannot be stored in PostgreSQL text: in a subject, in data, in a header.
+        (b"acct_p", structured(recharge("acct_p\x00", 5)), []),
+        (
+            b"acct_p",
+            structured(cloud_event("quota.account.suspended", "acct_p", {"reason": "nul\x00"})),
+            [],
+        ),
+        (
+            b"acct_p",
+            json.dumps({"amount": 5}).encode(),
+            [
+                ("ce_specversion", b"1.0"),
+                ("ce_id", b"evt-nul"),
+                ("ce_source", b"test"),
+                ("ce_type", b"quota.account.recharged"),
+                ("ce_subject", b"acct\x00p"),
+                ("content-type", b"application/json"),
+            ],
+        ),
     ]
     async with running_ledger(settings) as (_, client):
         await produce(settings.kafka_bootstrap, settings.topic, [first])
@@ -101,7 +121,7 @@ async def test_poison_messages_are_quarantined_and_the_fold_goes_on(
     codes = sorted(item["code"] for item in listing["items"])
     assert codes == sorted(
         ["invalid_json", "not_cloudevent", "unknown_type", "bad_data", "bad_data",
-         "invalid_json", "id_conflict"]
+         "invalid_json", "bad_data", "bad_data", "bad_data", "id_conflict"]
     )  # fmt: skip
     for item in listing["items"]:
         assert item["topic"] == settings.topic
@@ -113,6 +133,10 @@ async def test_poison_messages_are_quarantined_and_the_fold_goes_on(
     assert "{not json" in raws
     binary_item = next(i for i in listing["items"] if i["raw_encoding"] == "base64")
     assert binary_item["code"] == "invalid_json"
+    nul = [i for i in listing["items"] if "U+0000" in i["reason"]]
+    assert len(nul) == 3
+    headers = next(i["headers"] for i in nul if i["headers"])
+    assert ["ce_subject", "base64:" + base64.b64encode(b"acct\x00p").decode()] in headers
     async with pool.acquire() as conn:
         duplicates = await conn.fetchval("SELECT duplicates FROM ledger_head")
     assert duplicates == 1
