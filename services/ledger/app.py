@@ -18,6 +18,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.asgi import RejectNul
 from services.contract.cloudevent import Rejection, decode_http_object, encode_structured
 from services.contract.events import Event
 from services.infra.topics import ensure_topic
@@ -69,6 +70,7 @@ def create_app(settings: Settings, *, run_consumer: bool = True) -> FastAPI:
     _routes(app)
     app.include_router(audit_api.router)
     app.include_router(ui.router)
+    app.add_middleware(RejectNul)
     return app
 
 

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.asgi import RejectNul
 from services.contract.cloudevent import format_time
 from services.ledger import repository as repo
 from services.ledger.fold import Reservation
@@ -108,7 +109,8 @@ def create_app(settings: Settings) -> FastAPI:
         description="Answers whether a gateway request may go ahead.",
     )
     _routes(app)
-    app.add_middleware(AuthorizeFastPath)
+    app.add_middleware(RejectNul)
+    app.add_middleware(AuthorizeFastPath)  # outermost: /authorize skips the rest
     return app
 
 

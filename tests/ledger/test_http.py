@@ -104,3 +104,22 @@ async def test_health_readiness_and_metrics(settings: Settings, pool: asyncpg.Po
     assert ready.json() == {"ready": True, "position": 1}
     assert "quota_ledger_events_applied_total" in metrics.text
     assert metrics.headers["content-type"].startswith("text/plain")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/accounts/a%00b",
+        "/accounts/a%00b/statement",
+        "/accounts/a%00b/balance",
+        "/accounts/acct/statement?since=2026%00",
+        "/accounts/acct/balance?as_of=1%00",
+        "/audit/rejected?cursor=%00",
+    ],
+)
+async def test_a_nul_in_a_path_or_query_is_a_clear_400(settings: Settings, path: str) -> None:
+    """PostgreSQL text cannot hold U+0000, so nothing stored has one: say so, never a 500."""
+    async with running_ledger(settings) as (_, client):
+        answer = await client.get(path, headers=AUTH)
+    assert answer.status_code == 400, (answer.status_code, answer.text)
+    assert "U+0000" in answer.json()["detail"]

@@ -151,6 +151,7 @@ async def test_release_is_idempotent_and_an_unknown_id_is_404(
             second = await client.post(f"/reservations/{reservation_id}/release")
             unknown = await client.post("/reservations/rsv_nope/release")
             unknown_get = await client.get("/reservations/rsv_nope")
+            nul = await client.post("/reservations/rsv%00nope/release")
         account = (await ledger.get("/accounts/acct_rel", headers=AUTH)).json()
     assert held["available"] == 60
     assert shown.json()["state"] == "held"
@@ -159,6 +160,7 @@ async def test_release_is_idempotent_and_an_unknown_id_is_404(
     assert first.json()["ended_position"] == second.json()["ended_position"]
     assert unknown.status_code == 404
     assert unknown_get.status_code == 404
+    assert nul.status_code == 400 and "U+0000" in nul.json()["detail"]
     assert (account["held"], account["available"]) == (0, 100)
 
 
