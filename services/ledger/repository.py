@@ -607,23 +607,6 @@ async def get_reservation(conn: asyncpg.Connection, reservation_id: str) -> Rese
     return found[0] if found else None
 
 
-async def find_active_reservation(
-    conn: asyncpg.Connection, account_id: str, request_id: str, now: datetime
-) -> Reservation | None:
-    """The held reservation of this request, if its TTL has not passed."""
-    row = await conn.fetchrow(
-        """
-        SELECT * FROM reservations
-        WHERE account_id = $1 AND request_id = $2 AND state = 'held' AND expires_at > $3
-        ORDER BY held_position DESC LIMIT 1
-        """,
-        account_id,
-        request_id,
-        now,
-    )
-    return _reservation(row) if row is not None else None
-
-
 async def due_reservations(
     conn: asyncpg.Connection, now: datetime, limit: int
 ) -> list[Reservation]:
