@@ -18,7 +18,6 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.asgi import RejectNul
 from services.contract.cloudevent import Rejection, decode_http_object, encode_structured
 from services.contract.events import Event
 from services.infra.topics import ensure_topic
@@ -27,6 +26,7 @@ from services.ledger import repository as repo
 from services.ledger.audit import verify
 from services.ledger.consumer import LedgerConsumer
 from services.ledger.deps import Admin, Ledger, LedgerDep
+from services.reject_nul import RejectNul
 from services.settings import Settings, asyncpg_dsn
 
 log = structlog.get_logger("quota.ledger.http")

@@ -26,7 +26,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.asgi import RejectNul
 from services.contract.cloudevent import format_time
 from services.ledger import repository as repo
 from services.ledger.fold import Reservation
@@ -43,6 +42,7 @@ from services.policy.decision import (
 from services.policy.ratelimit import RateLimiter, build_rate_limiter
 from services.policy.reservations import HoldOutcome, Reservations
 from services.policy.snapshot_store import SnapshotStore
+from services.reject_nul import RejectNul
 from services.settings import Settings, asyncpg_dsn
 
 log = structlog.get_logger("quota.policy.http")

@@ -153,8 +153,10 @@ async def test_two_sweepers_expire_a_backlog_in_batches_each_hold_once(pool: asy
         assert all(o.reservation is not None for o in outcomes)
     second = Reservations(pool, ttl_seconds=0.5)
     assert await first.expire_due(datetime.now(UTC) - timedelta(seconds=1)) == 0  # none due yet
-    await asyncio.sleep(0.6)
-    now = datetime.now(UTC)
+    async with pool.acquire() as conn:
+        last: datetime = await conn.fetchval("SELECT max(expires_at) FROM reservations")
+    while (now := datetime.now(UTC)) <= last:  # until every TTL has passed, by the clock
+        await asyncio.sleep(0.05)
     counts = await asyncio.gather(first.expire_due(now), second.expire_due(now))
     assert sum(counts) == total, counts
     async with pool.acquire() as conn:

@@ -1,4 +1,4 @@
-"""ASGI pieces both services use."""
+"""RejectNul: the ASGI middleware both services put in front of their routes."""
 
 from __future__ import annotations
 
