@@ -261,12 +261,10 @@ async def append_local(
     conn: asyncpg.Connection,
     events: Sequence[Event],
     head: repo.Head | None = None,
-    state: State | None = None,
 ) -> LocalResult:
     """Fold and store events the service emits itself (reservations), in the caller's
     transaction, serialised with the consumer's batches by the head lock (`head`: the caller
-    already holds it). `state`: the rows the events touch, read by the caller under the lock
-    (else they are loaded here). Everything is written in one statement."""
+    already holds it). Everything is written in one statement."""
     received_at = datetime.now(UTC)
     if head is None:
         head = await repo.lock_head(conn)
@@ -274,8 +272,7 @@ async def append_local(
     for event in events:
         payload = canonical_json(event_content(event))
         unique.append(Unique(Decoded(None, event, None), event, payload, payload_hash(payload)))
-    if state is None:
-        state = await repo.load_state(conn, _keys(events))
+    state = await repo.load_state(conn, _keys(events))
     appended = _fold_and_chain(head, unique, state, received_at, derive=False)
     notify = (
         notify_payload(appended.position, appended.changes, appended.state)

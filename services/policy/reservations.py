@@ -1,10 +1,11 @@
 """Reservations on the policy side: hold, release and expire, written into the ledger's history.
 
-A hold is a `quota.reservation.held` event folded and stored under the ledger head lock, the
-same lock every ledger batch takes, and the fold refuses a hold larger than what is available
-(balance - active holds). So no interleaving of requests, on any number of policy replicas, nor
-of a ledger debit, can hold more than was there. Concurrent holds of one process are committed
-together (group commit): one transaction, one lock, many holds.
+A hold is a `quota.reservation.held` event stored under the ledger head lock, the same lock
+every ledger batch takes, and a hold larger than what is available (balance - active holds) is
+refused, by the fold's rule. So no interleaving of requests, on any number of policy replicas,
+nor of a ledger debit, can hold more than was there. Concurrent holds of one process are
+committed together (group commit): one statement, `quota_hold()` (migration 0004), one
+transaction, one lock, many holds. Releases and expiries go through the Python fold.
 """
 
 from __future__ import annotations
@@ -127,10 +128,10 @@ class Reservations:
         """The group-commit worker and the expiry sweeper, until cancelled.
 
         Up to COMMITS_IN_FLIGHT group commits run at once, each on its own connection: the
-        next one's BEGIN and head-lock request waits inside PostgreSQL while the current one
-        commits, and is granted the lock the moment it is released, without a round trip to
-        this process in between. The lock still orders them: each reads the rows after the
-        previous one committed."""
+        next one's statement waits for the head lock inside PostgreSQL while the current one
+        commits, and is granted it the moment it is released, without a round trip to this
+        process in between. The lock still orders them: each reads the rows after the previous
+        one committed."""
         sweeper = asyncio.create_task(self._sweep_forever())
         slots = asyncio.Semaphore(COMMITS_IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
