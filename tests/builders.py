@@ -13,6 +13,8 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from services.ledger import repository as repo
+from services.ledger.audit import verify
+from services.ledger.replay import replay
 
 
 def cloud_event(
@@ -136,3 +138,12 @@ async def wait_for_rejected(pool: asyncpg.Pool, count: int, timeout: float = 60.
             return found >= count
 
     await wait_for(reached, timeout=timeout, what=f"{count} quarantined events")
+
+
+async def assert_history_clean(pool: asyncpg.Pool) -> None:
+    """Verify (chain, re-fold, every projection) and replay --check both find nothing wrong."""
+    async with pool.acquire() as conn:
+        report = await verify(conn)
+        replayed = await replay(conn, check=True)
+    assert report.ok, report.differences[:5]
+    assert replayed.ok, (replayed.history_differences[:5], replayed.differences[:5])
