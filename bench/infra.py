@@ -5,20 +5,51 @@ Shared by `bench.fold`, `bench.authorize` and `bench.replay`.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.infra.broker import TansuBroker
 from services.infra.postgres import find_or_start_postgres, run_on_server, with_database
 from services.migrate import upgrade
+
+DEFAULT_WORKDIR: Final = Path(".work/bench")
+DATABASE_URL_ENV: Final = "QUOTA_BENCH_DATABASE_URL"
+KAFKA_BOOTSTRAP_ENV: Final = "QUOTA_BENCH_KAFKA_BOOTSTRAP"
+
+
+def add_infra_arguments(
+    parser: argparse.ArgumentParser, *, result: str | None = None, broker: bool = True
+) -> None:
+    """The options every benchmark takes for `infrastructure`: --database-url, --kafka-bootstrap
+    (when it uses a broker), --workdir, and --output when it writes `result` (a JSON file)."""
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(DATABASE_URL_ENV) or None,
+        help=f"a PostgreSQL *server* to create a scratch database on (env {DATABASE_URL_ENV});"
+        " default: find_or_start_postgres (127.0.0.1:5432, else embedded)",
+    )
+    if broker:
+        parser.add_argument(
+            "--kafka-bootstrap",
+            default=os.environ.get(KAFKA_BOOTSTRAP_ENV) or None,
+            help=f"host:port of a broker to use (env {KAFKA_BOOTSTRAP_ENV}); default: start Tansu",
+        )
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    if result is not None:
+        parser.add_argument(
+            "--output", type=Path, default=None, help=f"JSON result (default WORKDIR/{result})"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,15 +46,13 @@ from bench.authorize.world import (
     reserve_body,
     world_events,
 )
+from bench.infra import add_infra_arguments
 from services.infra.broker import free_port
 from services.ledger import repository as repo
 from services.ledger.audit import verify
 from services.settings import Settings, asyncpg_dsn
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_WORKDIR = Path(".work/bench")
-DATABASE_URL_ENV = "QUOTA_BENCH_DATABASE_URL"
-KAFKA_BOOTSTRAP_ENV = "QUOTA_BENCH_KAFKA_BOOTSTRAP"
 SERVICE_TOKEN = "bench-service-token-0123456789"
 ADMIN_TOKEN = "bench-admin-token"
 #: The policy's reservation TTL in the bench server: longer than any run, so no hold of the
@@ -115,21 +113,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="one more allowed run with cProfile on in the server; prints the top functions",
     )
     parser.add_argument("--profile-top", type=int, default=25)
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get(DATABASE_URL_ENV) or None,
-        help=f"a PostgreSQL *server* to create a scratch database on (env {DATABASE_URL_ENV});"
-        " default: find_or_start_postgres (127.0.0.1:5432, else embedded)",
-    )
-    parser.add_argument(
-        "--kafka-bootstrap",
-        default=os.environ.get(KAFKA_BOOTSTRAP_ENV) or None,
-        help=f"host:port of a broker to use (env {KAFKA_BOOTSTRAP_ENV}); default: start Tansu",
-    )
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    parser.add_argument(
-        "--output", type=Path, default=None, help="JSON result (default WORKDIR/authorize.json)"
-    )
+    add_infra_arguments(parser, result="authorize.json")
     parser.add_argument(
         "--fail-on-miss", action="store_true", help="exit 2 when a target is missed"
     )

@@ -7,7 +7,6 @@ import asyncio
 import cProfile
 import gc
 import io
-import os
 import pstats
 import subprocess
 import sys
@@ -25,14 +24,10 @@ from bench.fold.micro import per_event_costs
 from bench.fold.phases import PhaseTimer, instrument_ledger
 from bench.fold.runs import FoldRun, Timeline, run_fold, run_raw, verify
 from bench.fold.workload import produce
-from bench.infra import Infra, infrastructure, remove_topic
+from bench.infra import Infra, add_infra_arguments, infrastructure, remove_topic
 from services.infra.topics import ensure_topic
 from services.ledger import repository as repo
 from services.settings import Settings
-
-DEFAULT_WORKDIR = Path(".work/bench")
-DATABASE_URL_ENV = "QUOTA_BENCH_DATABASE_URL"
-KAFKA_BOOTSTRAP_ENV = "QUOTA_BENCH_KAFKA_BOOTSTRAP"
 
 #: Phases in display order: (timer name, label). Indentation shows what contains what.
 PHASE_ROWS: tuple[tuple[str, str], ...] = (
@@ -77,21 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--raw-max-records", type=int, default=100_000, help="max_records of the raw getmany"
     )
     parser.add_argument("--pool-size", type=int, default=10, help="asyncpg pool max_size")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get(DATABASE_URL_ENV) or None,
-        help=f"a PostgreSQL *server* to create a scratch database on (env {DATABASE_URL_ENV});"
-        " default: find_or_start_postgres",
-    )
-    parser.add_argument(
-        "--kafka-bootstrap",
-        default=os.environ.get(KAFKA_BOOTSTRAP_ENV) or None,
-        help=f"host:port of a broker to use (env {KAFKA_BOOTSTRAP_ENV}); default: start Tansu",
-    )
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    parser.add_argument(
-        "--output", type=Path, default=None, help="JSON result (default WORKDIR/fold.json)"
-    )
+    add_infra_arguments(parser, result="fold.json")
     parser.add_argument("--target", type=float, default=0.35, help="target ratio fold/raw")
     parser.add_argument("--seed", type=int, default=1, help="workload random seed")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measured run")

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
 from bench import report
-from bench.infra import infrastructure
+from bench.infra import add_infra_arguments, infrastructure
 from bench.replay.workload import random_events, store_events
 from services.ledger import repository as repo
 from services.ledger.audit import compare_states
 from services.ledger.replay import replay
 from services.settings import asyncpg_dsn
 
-DATABASE_URL_ENV = "QUOTA_BENCH_DATABASE_URL"
 TARGET = 200_000
 #: The phases `ReplayReport.phases` names: re-fold (the chain checked alongside), compare with
 #: the live rows, swap the rebuilt rows in.
@@ -73,8 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--pure", action="store_true", help="also time the pure re-fold")
-    parser.add_argument("--database-url", default=os.environ.get(DATABASE_URL_ENV) or None)
-    parser.add_argument("--workdir", type=Path, default=Path(".work/bench"))
+    add_infra_arguments(parser, broker=False)
     args = parser.parse_args(argv)
     with infrastructure(
         args.workdir, args.database_url, None, bench="bench.replay", broker=False
