@@ -13,18 +13,6 @@ from services.ledger.audit import compare_states, verify
 from services.ledger.fold import State, balance_delta, fold
 from services.ledger.replay import MONEY_DELTAS, ReplayReport, refold_store, replay
 from services.settings import Settings
-from tests.builders import produce, wait_for_position
-from tests.ledger.ledger_app import running_ledger
-from tests.ledger.test_verify import _history
-
-
-@pytest.fixture
-async def history(settings: Settings, pool: asyncpg.Pool) -> int:
-    events = _history()
-    async with running_ledger(settings):
-        await produce(settings.kafka_bootstrap, settings.topic, events)
-        await wait_for_position(pool, len(events))
-    return len(events)
 
 
 async def _replay(pool: asyncpg.Pool, check: bool, **kwargs: object) -> ReplayReport:

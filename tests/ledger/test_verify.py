@@ -14,49 +14,13 @@ from services.ledger import repository as repo
 from services.ledger.audit import VerifyReport, compare_states, verify
 from services.ledger.fold import Account, State
 from services.settings import Settings
-from tests.builders import cloud_event, produce, recharge, token_issued, usage, wait_for_position
+from tests.builders import recharge, wait_for_position
 from tests.conftest import ADMIN_TOKEN
+from tests.ledger.conftest import RECHARGE_ID
 from tests.ledger.ledger_app import running_ledger
 from tests.processes import QUOTA, quota_env
 
 AUTH_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-RECHARGE_ID = "evt-recharge-a"
-
-
-def _history() -> list[dict[str, Any]]:
-    return [
-        cloud_event("quota.model.registered", "catalog", {"model": "gpt-4o", "kind": "chat"}),
-        cloud_event(
-            "quota.channel.registered",
-            "catalog",
-            {"channel_id": 7, "models": ["gpt-4o"], "groups": ["default", "vip"]},
-        ),
-        cloud_event(
-            "quota.route.policy_set", "catalog", {"route": "/v1/admin", "min_role": "admin"}
-        ),
-        cloud_event("quota.account.opened", "acct_a", {"role": "admin", "group": "vip"}),
-        recharge("acct_a", 1000, event_id=RECHARGE_ID),
-        usage("acct_a", 300),
-        token_issued("acct_a", "tok_a", "sk-test-key-abcdef", allowed_models=["gpt-4o"]),
-        cloud_event(
-            "quota.account.rate_limit_set",
-            "acct_a",
-            {"model": "gpt-4o", "requests": 10, "window_seconds": 60},
-        ),
-        recharge("acct_b", 50),
-        cloud_event("quota.account.suspended", "acct_b", {"reason": "test"}),
-    ]
-
-
-@pytest.fixture
-async def history(settings: Settings, pool: asyncpg.Pool) -> int:
-    """Fold a small history covering every projection table; return its length."""
-    events = _history()
-    async with running_ledger(settings):
-        await produce(settings.kafka_bootstrap, settings.topic, events)
-        await wait_for_position(pool, len(events))
-    return len(events)
 
 
 async def _verify(pool: asyncpg.Pool, page_size: int = 5000) -> VerifyReport:
