@@ -21,7 +21,6 @@ from services.contract.events import EVENT_TYPES, Event
 from services.ledger import repository as repo
 from services.ledger.chain import chain_hash, payload_hash
 from services.ledger.fold import State, fold
-from services.ledger.replay import all_changes
 
 PARTITIONS: Final = 4
 TOPIC: Final = "quota.events"
@@ -118,8 +117,9 @@ async def store_events(
     chunk: int = 20_000,
     on_chunk: Callable[[int], None] | None = None,
 ) -> tuple[State, int]:
-    """Fold and COPY `events` (in the caller's transaction) the way ingest stores them, write
-    the projections and the head; return the folded state and the number stored."""
+    """Fold and COPY `events` (in the caller's transaction, into a new database) the way ingest
+    stores them, write the projections and the head; return the folded state and the number
+    stored."""
     head = await repo.lock_head(conn)
     state = State()
     position, prev = head.position, head.hash
@@ -151,6 +151,6 @@ async def store_events(
         stored += len(records)
         if on_chunk is not None:
             on_chunk(len(batch))
-    await repo.write_changes(conn, state, all_changes(state))
+    await repo.copy_projections(conn, state)  # a new database: the tables are empty
     await repo.write_head(conn, repo.Head(position, prev, head.duplicates))
     return state, stored

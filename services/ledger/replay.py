@@ -456,23 +456,11 @@ def _renumber(state: State, positions: dict[int, int]) -> State:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def all_changes(state: State) -> Changes:
-    return Changes(
-        accounts=set(state.accounts),
-        tokens=set(state.tokens),
-        channels=set(state.channels),
-        models=set(state.models),
-        routes=set(state.routes),
-        rate_limits=set(state.rate_limits),
-        reservations=set(state.reservations),
-    )
-
-
 async def _catch_up(
     conn: asyncpg.Connection, history: History, upto: int
-) -> tuple[Changes, list[dict[str, Any]]]:
+) -> list[dict[str, Any]]:
     """Fold (and chain-check) events appended after the snapshot into `history.state`."""
-    changes = Changes()
+    changes = Changes()  # `_apply_stored` records them; the swap writes every row anyway
     differences: list[dict[str, Any]] = []
     last_hash = history.head_hash
     rows = await conn.fetch(
@@ -492,7 +480,7 @@ async def _catch_up(
     history.events += len(rows)
     history.position = upto
     history.head_hash = last_hash
-    return changes, differences
+    return differences
 
 
 async def rebuild(
@@ -508,8 +496,7 @@ async def rebuild(
     async with conn.transaction():
         head = await repo.lock_head(conn)
         if head.position != history.position:
-            _, extra = await _catch_up(conn, history, head.position)
-            history.differences.extend(extra)
+            history.differences.extend(await _catch_up(conn, history, head.position))
         _check_head_after_lock(history, head)
         differences = audit.compare_states(history.state, await repo.load_all(conn))
         phases["compare"] = time.perf_counter() - started
