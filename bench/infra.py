@@ -61,6 +61,8 @@ class Infra:
     bootstrap: str
     broker: str
     broker_started: bool
+    #: The broker process this run started (None for a given broker), e.g. to pause it.
+    broker_pid: int | None = None
 
 
 def tansu_version() -> str:
@@ -119,7 +121,7 @@ def infrastructure(
         stack.callback(tansu.stop)
         tansu.start()
         say(bench, f"broker: tansu started on {tansu.bootstrap}")
-        yield Infra(url, handle.kind, tansu.bootstrap, tansu_version(), True)
+        yield Infra(url, handle.kind, tansu.bootstrap, tansu_version(), True, tansu.pid)
 
 
 async def remove_topic(bootstrap: str, topic: str, groups: list[str]) -> None:

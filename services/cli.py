@@ -28,10 +28,13 @@ def migrate() -> None:
     typer.echo("database is at the newest schema")
 
 
-def _serve(create_app: Callable[[Settings], FastAPI], host: str, port: int) -> None:
-    """A production process: settings from the environment, secrets checked, one server."""
+def _serve(
+    create_app: Callable[[Settings], FastAPI], host: str, port: int, *, gateways: bool = False
+) -> None:
+    """A production process: settings from the environment, its secrets checked (the ledger's
+    admin token; for `gateways`, the policy service, the service token), one server."""
     settings = Settings()
-    settings.check_secrets()
+    settings.check_secrets(admin=not gateways, gateways=gateways)
     configure_logging(settings.log_level, settings.log_json)
     uvicorn.run(
         create_app(settings),
@@ -59,10 +62,12 @@ def policy(
     host: Host = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8081,
 ) -> None:
-    """Answer /authorize from an in-memory snapshot kept fresh by the ledger."""
+    """Answer /authorize from an in-memory snapshot kept fresh by the ledger.
+
+    Refuses to start without QUOTA_SERVICE_TOKEN unless QUOTA_ALLOW_ANONYMOUS_GATEWAYS=true."""
     from services.policy.app import create_app
 
-    _serve(create_app, host, port)
+    _serve(create_app, host, port, gateways=True)
 
 
 @app.command("verify")

@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     consumer_group: str = "quota-ledger"
     admin_token: str = ""
     service_token: str = ""
+    #: Let a policy service run without QUOTA_SERVICE_TOKEN (gateways unauthenticated).
+    allow_anonymous_gateways: bool = False
     redis_url: str = ""
     batch_max_records: int = Field(default=5000, ge=1)
     batch_timeout_ms: int = Field(default=200, ge=1)
@@ -30,20 +32,33 @@ class Settings(BaseSettings):
     fail_open: bool = False
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
     reservation_ttl_seconds: float = Field(default=300.0, gt=0)
+    #: How long a starting process waits for PostgreSQL (and the ledger for the broker).
+    startup_timeout_seconds: float = Field(default=60.0, gt=0)
     log_level: str = "INFO"
     log_json: bool = True
     access_log: bool = False
     dev_mode: bool = False
 
-    def check_secrets(self) -> None:
-        """Refuse to run production processes with a missing or default admin secret."""
+    def check_secrets(self, *, admin: bool = True, gateways: bool = False) -> None:
+        """Refuse to run production processes without their secrets: the ledger (`admin`)
+        without an admin token of its own, the policy service (`gateways`) without a service
+        token unless the operator opted out (QUOTA_ALLOW_ANONYMOUS_GATEWAYS=true). `quota dev`
+        needs neither. Every problem is named in the one message."""
         if self.dev_mode:
             return
-        if not self.admin_token or self.admin_token == DEV_ADMIN_TOKEN:
-            raise SystemExit(
+        problems = []
+        if admin and (not self.admin_token or self.admin_token == DEV_ADMIN_TOKEN):
+            problems.append(
                 "QUOTA_ADMIN_TOKEN must be set to a secret of your own "
                 "(the default is only accepted by `quota dev`)"
             )
+        if gateways and not self.service_token.strip() and not self.allow_anonymous_gateways:
+            problems.append(
+                "QUOTA_SERVICE_TOKEN must be set: the policy service refuses to serve "
+                "unauthenticated gateways (set QUOTA_ALLOW_ANONYMOUS_GATEWAYS=true to accept them)"
+            )
+        if problems:
+            raise SystemExit("; ".join(problems))
 
 
 def sqlalchemy_url(database_url: str) -> str:

@@ -68,6 +68,9 @@ def settings(database_url: str, kafka_bootstrap: str, topic: str) -> Settings:
         topic_partitions=PARTITIONS,
         consumer_group=f"ledger-{uuid.uuid4().hex[:8]}",
         admin_token=ADMIN_TOKEN,
+        # Most tests call the policy as an anonymous gateway; tests of the service token set
+        # one (or turn this off).
+        allow_anonymous_gateways=True,
         batch_timeout_ms=50,
         # Tansu holds a group join for half the session timeout; keep tests quick.
         kafka_session_timeout_ms=3_000,

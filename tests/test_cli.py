@@ -14,6 +14,7 @@ from services.dev import DEMO_KEY
 from services.infra.broker import free_port
 from services.settings import Settings
 from tests.builders import wait_for
+from tests.processes import QuotaProcesses, quota_env
 
 QUOTA = str(Path(sys.executable).parent / "quota")
 
@@ -25,6 +26,49 @@ def test_ledger_refuses_to_start_without_an_admin_token() -> None:
     )
     assert result.returncode != 0
     assert "QUOTA_ADMIN_TOKEN" in result.stderr + result.stdout
+
+
+def test_policy_refuses_to_start_without_a_service_token(settings: Settings) -> None:
+    """Admin token set, no service token, no opt-out: a non-zero exit naming the variable."""
+    strict = settings.model_copy(update={"allow_anonymous_gateways": False, "service_token": ""})
+    result = subprocess.run(
+        [QUOTA, "policy", "--port", str(free_port())],
+        env=quota_env(strict),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    output = result.stderr + result.stdout
+    assert "QUOTA_SERVICE_TOKEN" in output
+    assert "QUOTA_ALLOW_ANONYMOUS_GATEWAYS" in output
+    assert "QUOTA_ADMIN_TOKEN" not in output  # that one is set: only the problem is named
+
+
+def test_a_policy_without_any_secret_names_only_the_service_token() -> None:
+    """The policy never uses the ledger's admin token, so it does not ask for one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTA_")}
+    result = subprocess.run(
+        [QUOTA, "policy"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode != 0
+    assert "QUOTA_SERVICE_TOKEN" in result.stderr
+    assert "QUOTA_ADMIN_TOKEN" not in result.stderr
+
+
+@pytest.mark.timeout(120)
+async def test_policy_starts_without_a_service_token_when_the_operator_opts_out(
+    settings: Settings, quota_processes: QuotaProcesses
+) -> None:
+    anonymous = quota_processes.start(
+        "policy", "policy", service_token="", allow_anonymous_gateways=True
+    )
+    await quota_processes.wait_ready(anonymous)
+    async with httpx.AsyncClient(base_url=anonymous.url) as client:
+        answer = await client.post("/authorize", json={"model": "gpt-4o"})
+    assert answer.status_code == 401
+    assert answer.json()["error"]["reason"] == "token_missing"  # the client's key, not ours
 
 
 @pytest.mark.timeout(120)

@@ -32,6 +32,17 @@ ID_CONFLICT: Final = "id_conflict"
 
 MAX_SUBJECT_CHARS: Final = 256
 
+#: What reading a malformed event can raise besides a `Rejection` (OverflowError: a time or
+#: number beyond what Python's types hold).
+_NOT_CLOUDEVENT_ERRORS: Final = (
+    BaseCloudEventException,
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    OverflowError,
+)
+
 
 class Rejection(Exception):
     """An event that cannot be applied; `code` is one of the stable reasons above."""
@@ -94,7 +105,7 @@ def decode_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> E
         raise Rejection(INVALID_JSON, f"not UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise Rejection(INVALID_JSON, str(exc)) from exc
-    except (BaseCloudEventException, ValueError, TypeError, AttributeError, KeyError) as exc:
+    except _NOT_CLOUDEVENT_ERRORS as exc:
         raise Rejection(NOT_CLOUDEVENT, _describe(exc)) from exc
     data = cloud_event.get_data()
     if binary and isinstance(data, str | bytes) and _is_json(cloud_event):
@@ -106,7 +117,7 @@ def decode_http_object(obj: Any) -> Event:
     """Decode one event given as a parsed JSON value (`POST /events`)."""
     try:
         cloud_event, given = _from_attributes(obj)
-    except (BaseCloudEventException, ValueError, TypeError, AttributeError, KeyError) as exc:
+    except _NOT_CLOUDEVENT_ERRORS as exc:
         raise Rejection(NOT_CLOUDEVENT, _describe(exc)) from exc
     return to_event(cloud_event, time_given="time" in given)
 
@@ -158,6 +169,11 @@ def to_event(cloud_event: BaseCloudEvent, *, time_given: bool) -> Event:
     time = cloud_event.get_time() if time_given else None
     if time is not None and time.tzinfo is None:
         raise Rejection(NOT_CLOUDEVENT, "time must be RFC 3339 with a UTC offset")
+    if time is not None:
+        try:
+            time.astimezone(UTC)  # what is stored and hashed: 9999-12-31T23:59-01:00 has none
+        except OverflowError:
+            raise Rejection(NOT_CLOUDEVENT, "time is out of range once taken to UTC") from None
     subject = cloud_event.get_subject()
     if not subject or len(subject) > MAX_SUBJECT_CHARS:
         raise Rejection(BAD_DATA, f"subject must be 1..{MAX_SUBJECT_CHARS} characters")
@@ -169,10 +185,14 @@ def to_event(cloud_event: BaseCloudEvent, *, time_given: bool) -> Event:
         raw_data = {}
     if not isinstance(raw_data, dict):
         raise Rejection(BAD_DATA, "data must be a JSON object")
-    attributes = (cloud_event.get_id(), cloud_event.get_source(), event_type, subject)
-    if any("\x00" in value for value in attributes) or _holds_nul(raw_data):
-        # PostgreSQL text cannot hold U+0000: such an event could never be stored.
-        raise Rejection(BAD_DATA, "a string contains U+0000 (NUL), which cannot be stored")
+    # Such an event could never be stored (or hashed): refuse it here, on every path.
+    for text in (cloud_event.get_id(), cloud_event.get_source(), event_type, subject):
+        problem = _unstorable_text(text)
+        if problem is not None:
+            raise Rejection(BAD_DATA, problem)
+    problem = _unstorable(raw_data)
+    if problem is not None:
+        raise Rejection(BAD_DATA, problem)
     try:
         data = model.model_validate(raw_data)
     except ValidationError as exc:
@@ -188,15 +208,48 @@ def to_event(cloud_event: BaseCloudEvent, *, time_given: bool) -> Event:
     )
 
 
-def _holds_nul(value: Any) -> bool:
-    """Whether any string in a JSON value (keys included) contains U+0000."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any("\x00" in key or _holds_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(_holds_nul(item) for item in value)
-    return False
+#: How deep `data` may nest (the object itself is level 1). Deeper values are refused before
+#: they reach code that recurses over them (validation, hashing, the fold), whatever the source.
+MAX_DATA_DEPTH: Final = 32
+
+
+def _unstorable_text(text: str) -> str | None:
+    """Why a string could not be stored, or None: PostgreSQL text cannot hold U+0000, and a lone
+    surrogate (JSON allows the escape `\\ud800`) is not Unicode that UTF-8 can encode."""
+    if "\x00" in text:
+        return "a string contains U+0000 (NUL), which cannot be stored"
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return "a string contains a lone surrogate, which is not valid Unicode"
+    return None
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why a JSON value (keys included) could not be stored and hashed, or None.
+
+    Walks the value with an explicit stack: a deeply nested value must not end in a
+    RecursionError here."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            problem = _unstorable_text(item)
+            if problem is not None:
+                return problem
+        elif isinstance(item, dict | list):
+            if depth > MAX_DATA_DEPTH:
+                return f"data is nested deeper than {MAX_DATA_DEPTH} levels"
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    problem = _unstorable_text(key) if isinstance(key, str) else None
+                    if problem is not None:
+                        return problem
+                    pending.append((child, depth + 1))
+            else:
+                pending.extend((child, depth + 1) for child in item)
+    return None
 
 
 def encode_structured(event: Event) -> bytes:

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -15,51 +15,99 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.contract.cloudevent import Rejection, decode_http_object, encode_structured
-from services.contract.events import Event
-from services.infra.topics import ensure_topic
+from services.contract.events import INT64_MAX, Event
+from services.infra.topics import ensure_topic, kafka_metadata
 from services.ledger import audit_api, ui
+from services.ledger import metrics as ledger_metrics
 from services.ledger import repository as repo
+from services.ledger.api_models import (
+    ADMIN_RESPONSES,
+    NOT_FOUND,
+    Account,
+    BrokerUnavailable,
+    EventErrors,
+    EventsAccepted,
+    Health,
+    RejectedPage,
+    VerifyReport,
+    admin_read,
+    events_request_body,
+)
 from services.ledger.audit import verify
-from services.ledger.consumer import LedgerConsumer
+from services.ledger.consumer import CommittedBatch, LedgerConsumer
 from services.ledger.deps import Admin, Ledger, LedgerDep
 from services.reject_nul import RejectNul
 from services.settings import Settings, asyncpg_dsn
+from services.supervise import (
+    DATABASE_ERRORS,
+    LoopHealth,
+    Readiness,
+    cancel_and_wait,
+    describe_database,
+    exit_process,
+    probe_database,
+    supervise_task,
+    wait_until_up,
+)
 
 log = structlog.get_logger("quota.ledger.http")
 
 MAX_EVENTS_BODY_BYTES = 4 * 1024 * 1024
 MAX_EVENTS_PER_REQUEST = 10_000
+#: One encoded event at most (the producer's default max_request_size is 1 MiB, overhead aside).
+MAX_EVENT_BYTES = 1_000_000
 
 
-def create_app(settings: Settings, *, run_consumer: bool = True) -> FastAPI:
-    """The ledger application; with `run_consumer` it also folds the topic in the background."""
+def create_app(
+    settings: Settings,
+    *,
+    run_consumer: bool = True,
+    on_fatal: Callable[[BaseException], None] = exit_process,
+    on_commit: Callable[[CommittedBatch], None] | None = None,
+) -> FastAPI:
+    """The ledger application; with `run_consumer` it also folds the topic in the background.
+
+    Its background loops are supervised: they retry what they can survive, and when one ends
+    with anything else, `on_fatal` is called with the exception (by default the process
+    exits non-zero)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = await repo.create_pool(asyncpg_dsn(settings.database_url))
-        await ensure_topic(settings.kafka_bootstrap, settings.topic, settings.topic_partitions)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5
-        )
-        await producer.start()
-        consumer = LedgerConsumer(settings, pool) if run_consumer else None
-        task = asyncio.create_task(consumer.run()) if consumer else None
-        beat = asyncio.create_task(heartbeat(pool, settings.heartbeat_seconds))
-        app.state.ledger = Ledger(settings, pool, producer, consumer)
-        try:
+        dsn = asyncpg_dsn(settings.database_url)
+        bootstrap = settings.kafka_bootstrap
+        timeout = settings.startup_timeout_seconds
+        await wait_until_up(describe_database(dsn), lambda: probe_database(dsn), timeout)
+        await wait_until_up(f"Kafka at {bootstrap}", lambda: kafka_metadata(bootstrap), timeout)
+        async with contextlib.AsyncExitStack() as stack:
+            pool = await repo.create_pool(dsn)
+            stack.push_async_callback(pool.close)
+            await ensure_topic(bootstrap, settings.topic, settings.topic_partitions)
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+            await producer.start()
+            stack.push_async_callback(producer.stop)
+            consumer = LedgerConsumer(settings, pool, on_commit=on_commit) if run_consumer else None
+            ledger = Ledger(settings, pool, producer, consumer)
+            app.state.ledger = ledger
+            if consumer is not None:
+                ledger_metrics.watch(
+                    lambda: sum(consumer.lag().values()), lambda: consumer.last_commit
+                )
+            tasks: list[asyncio.Task[None]] = []
+            if consumer is not None:
+                tasks.append(asyncio.create_task(consumer.run(), name="consumer"))
+                stack.push_async_callback(_stop_consumer, consumer, tasks[0])
+            beat = asyncio.create_task(
+                heartbeat(pool, settings.heartbeat_seconds, consumer), name="heartbeat"
+            )
+            tasks.append(beat)
+            stack.push_async_callback(cancel_and_wait, beat)
+            for task in tasks:
+                supervise_task(task, on_fatal)
             yield
-        finally:
-            beat.cancel()
-            if consumer and task:
-                await consumer.stop()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(task, timeout=10)
-            await producer.stop()
-            await pool.close()
 
     app = FastAPI(
         title="quota ledger",
@@ -71,38 +119,86 @@ def create_app(settings: Settings, *, run_consumer: bool = True) -> FastAPI:
     app.include_router(audit_api.router)
     app.include_router(ui.router)
     app.add_middleware(RejectNul)
+    for error in DATABASE_ERRORS:
+        app.add_exception_handler(error, _database_unavailable)
     return app
 
 
-async def heartbeat(pool: asyncpg.Pool, interval: float) -> None:
-    """Tell listeners the ledger's position even when idle, so they can tell stale from quiet."""
+async def _stop_consumer(consumer: LedgerConsumer, task: asyncio.Task[None]) -> None:
+    await consumer.stop()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """A read that met a lost or refusing database: 503, to be retried."""
+    log.warning("database unavailable", error=f"{type(exc).__name__}: {exc}")
+    return JSONResponse(
+        {"detail": f"database unavailable: {type(exc).__name__}"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+async def heartbeat(pool: asyncpg.Pool, interval: float, consumer: LedgerConsumer | None) -> None:
+    """Tell listeners the ledger's position even when idle, so they can tell stale from quiet.
+
+    Only a live consumer loop is vouched for: while the consumer cannot commit (or has not
+    polled yet) nothing is sent, and each heartbeat carries `cycle_age`, the seconds since
+    the loop's last successful cycle, which listeners subtract from their freshness."""
+    health = LoopHealth("heartbeat")
     while True:
-        try:
-            async with pool.acquire() as conn:
-                head = await repo.read_head(conn)
-                await repo.notify_changes(conn, {"position": head.position, "heartbeat": True})
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-            log.warning("heartbeat failed", error=str(exc))
+        if consumer is None or consumer.health.ok:
+            try:
+                async with pool.acquire() as conn:
+                    head = await repo.read_head(conn)
+                    age = consumer.health.seconds_since_ok() if consumer is not None else 0.0
+                    await repo.notify_changes(
+                        conn,
+                        {
+                            "position": head.position,
+                            "heartbeat": True,
+                            "cycle_age": round(age, 3),
+                        },
+                    )
+                health.succeeded()
+            except DATABASE_ERRORS as exc:
+                await asyncio.sleep(min(health.failed("heartbeat", exc), interval))
+                continue
         await asyncio.sleep(interval)
 
 
 def _routes(app: FastAPI) -> None:
-    @app.get("/healthz", tags=["ops"])
+    @app.get("/healthz", tags=["ops"], response_model=None, responses={200: {"model": Health}})
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], responses={503: {"description": "Not ready"}})
-    async def readyz(ledger: LedgerDep) -> Response:
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Not ready, and why"}},
+    )
+    async def readyz(ledger: LedgerDep) -> JSONResponse:
+        """200 while the database answers and the consumer commits; 503 with the reason."""
+        consumer = ledger.consumer
+        position = consumer.position if consumer is not None else 0
+        reason: str | None = None
         try:
             async with ledger.pool.acquire() as conn:
-                head = await repo.read_head(conn)
-        except (asyncpg.PostgresError, OSError) as exc:
-            return JSONResponse({"ready": False, "reason": f"database: {exc}"}, status_code=503)
-        if ledger.consumer is not None and not ledger.consumer.started.is_set():
-            return JSONResponse({"ready": False, "reason": "consumer starting"}, status_code=503)
-        return JSONResponse({"ready": True, "position": head.position})
+                position = (await repo.read_head(conn)).position
+        except DATABASE_ERRORS as exc:
+            reason = f"database: {type(exc).__name__}: {exc}"
+        if reason is None and consumer is not None:
+            if not consumer.started.is_set():
+                reason = "consumer starting"
+            elif consumer.health.reason is not None:
+                reason = f"consumer: {consumer.health.reason}"
+        body = Readiness(ready=reason is None, position=position, reason=reason)
+        status = 200 if reason is None else 503
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -110,7 +206,8 @@ def _routes(app: FastAPI) -> None:
         "/accounts/{account_id}",
         dependencies=[Admin],
         tags=["accounts"],
-        responses={404: {"description": "Unknown account"}},
+        response_model=None,
+        responses=admin_read(Account, NOT_FOUND),
     )
     async def get_account(account_id: str, ledger: LedgerDep) -> dict[str, Any]:
         async with ledger.pool.acquire() as conn:
@@ -128,18 +225,32 @@ def _routes(app: FastAPI) -> None:
             "position": account.position,
         }
 
-    @app.get("/audit/rejected", dependencies=[Admin], tags=["audit"])
+    @app.get(
+        "/audit/rejected",
+        dependencies=[Admin],
+        tags=["audit"],
+        response_model=None,
+        responses=admin_read(RejectedPage),
+    )
     async def rejected(
         ledger: LedgerDep,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        after: Annotated[int, Query(ge=0, description="cursor: `next` of the last page")] = 0,
+        after: Annotated[
+            int, Query(ge=0, le=INT64_MAX, description="cursor: `next` of the last page")
+        ] = 0,
     ) -> dict[str, Any]:
         async with ledger.pool.acquire() as conn:
             rows = await repo.list_rejected(conn, limit, after)
         items = [_rejected_item(row) for row in rows]
         return {"items": items, "next": rows[-1]["id"] if len(rows) == limit else None}
 
-    @app.get("/audit/verify", dependencies=[Admin], tags=["audit"])
+    @app.get(
+        "/audit/verify",
+        dependencies=[Admin],
+        tags=["audit"],
+        response_model=None,
+        responses=admin_read(VerifyReport),
+    )
     async def audit_verify(ledger: LedgerDep) -> dict[str, Any]:
         """Recompute the hash chain, re-fold the history, compare every projection row."""
         async with ledger.pool.acquire() as conn:
@@ -151,20 +262,29 @@ def _routes(app: FastAPI) -> None:
         dependencies=[Admin],
         status_code=202,
         tags=["events"],
+        response_model=None,
+        openapi_extra={"requestBody": events_request_body(MAX_EVENTS_PER_REQUEST)},
         responses={
-            400: {"description": "At least one event is invalid; nothing was published"},
-            413: {"description": "Body too large"},
-            503: {"description": "The broker did not accept the events"},
+            202: {"model": EventsAccepted, "description": "Published; the ids, in order"},
+            **ADMIN_RESPONSES,
+            400: {
+                "model": EventErrors,
+                "description": "Not JSON, or at least one event is invalid; nothing was published",
+            },
+            413: {"model": EventErrors, "description": "Body too large"},
+            503: {"model": BrokerUnavailable, "description": "The broker did not accept them"},
         },
     )
     async def post_events(request: Request, ledger: LedgerDep) -> Response:
-        body = await request.body()
-        if len(body) > MAX_EVENTS_BODY_BYTES:
+        body = await read_body(request, MAX_EVENTS_BODY_BYTES)
+        if body is None:
             return _errors(413, [{"index": None, "reason": "body too large"}])
         try:
-            parsed = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return _errors(400, [{"index": None, "code": "invalid_json", "reason": str(exc)}])
+            parsed = parse_json(body)
+        except ValueError as exc:
+            return _errors(
+                400, [{"index": None, "code": "invalid_json", "reason": printable(str(exc))}]
+            )
         items = parsed if isinstance(parsed, list) else [parsed]
         if not items:
             return _errors(400, [{"index": None, "reason": "no events given"}])
@@ -181,6 +301,36 @@ def _routes(app: FastAPI) -> None:
         return JSONResponse({"ids": [event.id for event in events]}, status_code=202)
 
 
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it passes `limit` bytes (the rest is not read)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not valid JSON")
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: a `ValueError` for anything that is not (bad syntax or encoding, NaN and
+    Infinity, an integer beyond Python's 4300 digits, nesting beyond the recursion limit)."""
+    try:
+        return json.loads(body, parse_constant=_not_json)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def printable(text: str) -> str:
+    """`text` as UTF-8 can carry it: a lone surrogate (from a JSON escape) becomes `?`."""
+    return text if text.isascii() else text.encode("utf-8", "replace").decode()
+
+
 def validate_batch(items: list[Any]) -> tuple[list[Event], list[dict[str, Any]]]:
     """Validate every event; any error means none of them is published."""
     events: list[Event] = []
@@ -188,14 +338,31 @@ def validate_batch(items: list[Any]) -> tuple[list[Event], list[dict[str, Any]]]
     seen: dict[str, bytes] = {}
     for index, item in enumerate(items):
         event_id = item.get("id") if isinstance(item, dict) else None
+        event_id = printable(event_id) if isinstance(event_id, str) else None
         try:
             event = decode_http_object(item)
         except Rejection as rejection:
             errors.append(
-                {"index": index, "id": event_id, "code": rejection.code, "reason": rejection.reason}
+                {
+                    "index": index,
+                    "id": event_id,
+                    "code": rejection.code,
+                    "reason": printable(rejection.reason),
+                }
             )
             continue
         encoded = encode_structured(event)
+        if len(encoded) > MAX_EVENT_BYTES:
+            errors.append(
+                {
+                    "index": index,
+                    "id": event.id,
+                    "code": "event_too_large",
+                    "reason": f"event_too_large: {len(encoded)} bytes encoded, the broker takes "
+                    f"at most {MAX_EVENT_BYTES}",
+                }
+            )
+            continue
         if seen.setdefault(event.id, encoded) != encoded:
             errors.append(
                 {

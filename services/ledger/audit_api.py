@@ -12,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from services.ledger import statements as st
+from services.ledger.api_models import NOT_FOUND, BalanceAsOf, ErrorDetail, Statement, admin_read
 from services.ledger.deps import Admin, LedgerDep
 
 router = APIRouter(tags=["accounts"])
@@ -19,6 +20,11 @@ router = APIRouter(tags=["accounts"])
 POINT_HELP = (
     "An integer ledger position or an RFC 3339 time with an offset (e.g. 2026-11-24T12:00:00Z)."
 )
+# Documentation only (the routes answer a bad value with 400 and their own message).
+CURSOR_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "string", "pattern": "^[0-9]{1,18}$"}]}
+POINT_SCHEMA: dict[str, Any] = {
+    "anyOf": [*CURSOR_SCHEMA["anyOf"], {"type": "string", "format": "date-time"}]
+}
 
 STATEMENT_DESCRIPTION = """
 Every event of the account in ledger (position) order, with the signed `amount` it moved the
@@ -69,24 +75,35 @@ def _unknown(account_id: str) -> HTTPException:
     summary="An account's statement",
     response_model=None,
     description=STATEMENT_DESCRIPTION,
-    responses={
-        200: {
-            "description": "A page of the statement (JSON, or CSV with `format=csv`)",
-            "content": {"text/csv": {}},
+    responses=admin_read(
+        None,
+        {
+            200: {
+                "model": Statement,
+                "description": "A page of the statement (JSON, or CSV with `format=csv`)",
+                "content": {"text/csv": {"schema": {"type": "string"}}},
+            },
+            400: {"model": ErrorDetail, "description": "Bad `since`, `until` or `cursor`"},
+            **NOT_FOUND,
         },
-        400: {"description": "Bad `since`, `until` or `cursor`"},
-        404: {"description": "Unknown account"},
-    },
+    ),
 )
 async def get_statement(
     account_id: str,
     request: Request,
     ledger: LedgerDep,
-    since: Annotated[str | None, Query(description=f"Inclusive. {POINT_HELP}")] = None,
-    until: Annotated[str | None, Query(description=f"Exclusive. {POINT_HELP}")] = None,
+    since: Annotated[
+        str | None, Query(description=f"Inclusive. {POINT_HELP}", json_schema_extra=POINT_SCHEMA)
+    ] = None,
+    until: Annotated[
+        str | None, Query(description=f"Exclusive. {POINT_HELP}", json_schema_extra=POINT_SCHEMA)
+    ] = None,
     format: Annotated[Literal["json", "csv"], Query(description="json or csv")] = "json",
     limit: Annotated[int, Query(ge=1, le=st.MAX_LIMIT)] = st.DEFAULT_LIMIT,
-    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(description="`next` of the previous page", json_schema_extra=CURSOR_SCHEMA),
+    ] = None,
 ) -> dict[str, Any] | Response:
     since_point = _point(since, "since")
     until_point = _point(until, "until")
@@ -123,15 +140,18 @@ async def get_statement(
     dependencies=[Admin],
     summary="An account's balance at a point in its history",
     description=BALANCE_DESCRIPTION,
-    responses={
-        400: {"description": "Missing or bad `as_of`"},
-        404: {"description": "Unknown account"},
-    },
+    response_model=None,
+    responses=admin_read(
+        BalanceAsOf,
+        {400: {"model": ErrorDetail, "description": "Missing or bad `as_of`"}, **NOT_FOUND},
+    ),
 )
 async def get_balance_as_of(
     account_id: str,
     ledger: LedgerDep,
-    as_of: Annotated[str | None, Query(description=f"Required. {POINT_HELP}")] = None,
+    as_of: Annotated[
+        str | None, Query(description=f"Required. {POINT_HELP}", json_schema_extra=POINT_SCHEMA)
+    ] = None,
 ) -> dict[str, Any]:
     if as_of is None or not as_of.strip():
         raise HTTPException(

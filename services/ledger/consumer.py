@@ -3,6 +3,13 @@
 Offsets live in PostgreSQL beside the state (auto-commit is off). On assignment the consumer
 claims its partitions in the database, which fences any previous owner, and seeks to the
 stored offsets.
+
+The loop is supervised (`services.supervise`): a failed commit, resync, claim or poll is
+retried with capped exponential backoff, counted in `quota_loop_failures_total{loop="consumer"}`
+and shown in `health` (read by `/readyz` and the heartbeat), never silently fatal. Offsets are
+re-read from the database after every failed commit, so nothing is lost or applied twice. A
+broker client that broke is closed and built anew. Only an exception of no known kind ends
+`run()`; the ledger's lifespan then exits the process with a log line saying why.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import contextlib
 import gc
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import asyncpg
@@ -22,10 +29,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from services.ledger import ingest, metrics
 from services.ledger import repository as repo
 from services.settings import Settings
+from services.supervise import DATABASE_ERRORS, TRANSIENT_ERRORS, LoopHealth
 
 log = structlog.get_logger("quota.ledger.consumer")
 
-RETRY_DELAY_SECONDS = 1.0
 DECODE_CHUNK = 500
 
 
@@ -36,6 +43,17 @@ class _Prepared:
     decoded: list[ingest.Decoded]
     epochs: dict[tuple[str, int], int]
     started: float
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedBatch:
+    """What `on_commit` hears: the head after the batch, its records, and the time from the
+    batch's decode start to its commit."""
+
+    position: int
+    records: int
+    result: ingest.BatchResult
+    seconds: float
 
 
 @dataclass(slots=True)
@@ -49,20 +67,37 @@ class Owned:
 class LedgerConsumer:
     """Folds `settings.topic` into PostgreSQL; several of them share the topic as one group."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        *,
+        on_commit: Callable[[CommittedBatch], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.pool = pool
+        #: Called after each batch commits (benchmarks stamp commits with it).
+        self.on_commit = on_commit
         self.owner = f"ledger-{uuid.uuid4()}"
         self.owned: dict[TopicPartition, Owned] = {}
         self.position = 0
+        #: When a batch last committed (monotonic; the start until one has).
+        self.last_commit = time.monotonic()
         self.started = asyncio.Event()
+        #: Whether the loop makes progress; `reason` says why not (read by `/readyz`).
+        self.health = LoopHealth("consumer")
         self._batch_lock = asyncio.Lock()
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = False
+        #: Offsets must be re-read from the database before the next poll (a commit failed).
+        self._resync_needed = False
+        #: Assigned partitions whose claim in the database has not succeeded yet.
+        self._unclaimed: set[TopicPartition] = set()
+        #: The backoff delay a failed commit asked for, waited before the resync.
+        self._retry_delay = 0.0
 
-    async def run(self) -> None:
-        """Consume until `stop()`; transient failures are retried, never fatal."""
-        consumer = AIOKafkaConsumer(
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=self.settings.consumer_group,
             client_id=self.owner,
@@ -76,19 +111,48 @@ class LedgerConsumer:
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=32 * 1024 * 1024,
         )
-        self._consumer = consumer
+
+    async def run(self) -> None:
+        """Consume until `stop()`. Transient failures (database, broker) are retried with
+        backoff, building a new broker client when the old one broke; anything else raises."""
+        while not self._stopping:
+            consumer = self._new_consumer()
+            self._consumer = consumer
+            try:
+                await self._start(consumer)
+                await self._consume(consumer)
+            except TRANSIENT_ERRORS as exc:
+                delay = self.health.failed("kafka client", exc)
+                await asyncio.sleep(delay)
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                self.owned.clear()
+                self._unclaimed.clear()
+
+    async def _start(self, consumer: AIOKafkaConsumer) -> None:
         consumer.subscribe([self.settings.topic], listener=_Rebalance(self))
         await consumer.start()
-        async with self.pool.acquire() as conn:
-            self.position = (await repo.read_head(conn)).position
-        self.started.set()
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    self.position = max(self.position, (await repo.read_head(conn)).position)
+                break
+            except DATABASE_ERRORS as exc:
+                await asyncio.sleep(self.health.failed("read head", exc))
+        if not self.started.is_set():
+            self.started.set()
+            # What exists now lives as long as the process: keep it out of every collection.
+            gc.collect()
+            gc.freeze()
         log.info("consumer started", topic=self.settings.topic, owner=self.owner)
-        # What exists now lives as long as the process: keep it out of every collection.
-        gc.collect()
-        gc.freeze()
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         inflight: asyncio.Task[bool] | None = None
         try:
             while not self._stopping:
+                if not await self._recover(consumer):
+                    continue
                 # Batch N commits in the background while batch N+1 is polled and decoded:
                 # PostgreSQL works on one core while Python decodes on the other.
                 batches = await self._poll(consumer)
@@ -96,15 +160,47 @@ class LedgerConsumer:
                 if inflight is not None:
                     committed, inflight = await inflight, None
                     if not committed:
-                        prepared = None  # offsets were re-read and sought: records come again
+                        prepared = None  # offsets are re-read and sought: records come again
                 if prepared is not None:
                     inflight = asyncio.create_task(self._commit(consumer, prepared))
+                elif not (self._resync_needed or self._unclaimed):
+                    self.health.succeeded()  # polled, and nothing is left undone
         finally:
             if inflight is not None:
                 with contextlib.suppress(Exception):
                     await inflight
+
+    async def _recover(self, consumer: AIOKafkaConsumer) -> bool:
+        """Claim what is assigned but unclaimed, re-read offsets after a failed commit; False
+        (after the backoff delay) while the database refuses."""
+        if self._retry_delay:
+            delay, self._retry_delay = self._retry_delay, 0.0
+            await asyncio.sleep(delay)
+        try:
+            if self._unclaimed:
+                async with self._batch_lock:
+                    await self._claim(consumer, list(self._unclaimed))
+            if self._resync_needed:
+                await self._resync(consumer, list(self.owned))
+                self._resync_needed = False
+        except DATABASE_ERRORS as exc:
+            stage = "claim partitions" if self._unclaimed else "resync offsets"
+            await asyncio.sleep(self.health.failed(stage, exc))
+            return False
+        return True
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Records each owned partition is behind the broker's high watermark (when known)."""
+        consumer = self._consumer
+        lags: dict[TopicPartition, int] = {}
+        if consumer is None:
+            return lags
+        for tp, owned in list(self.owned.items()):
             with contextlib.suppress(Exception):
-                await consumer.stop()
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    lags[tp] = max(0, highwater - owned.next_offset)
+        return lags
 
     async def _poll(
         self, consumer: AIOKafkaConsumer
@@ -190,18 +286,25 @@ class LedgerConsumer:
                     )
             except repo.OffsetFenced as exc:
                 log.warning("offset commit fenced; dropping stale partitions", error=str(exc))
-                await self._resync(consumer, self.owned)
+                self._resync_needed = True
                 return False
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-                log.error("batch failed; will retry from stored offsets", error=str(exc))
+            except DATABASE_ERRORS as exc:
+                # Rolled back: nothing of the batch is stored. Offsets are re-read (and the
+                # records fetched again) once the database answers.
                 metrics.BATCH_FAILURES.inc()
-                await asyncio.sleep(RETRY_DELAY_SECONDS)
-                await self._resync(consumer, self.owned)
+                self._retry_delay = self.health.failed("commit batch", exc)
+                self._resync_needed = True
                 return False
             for (topic, partition), (next_offset, _) in offsets.items():
                 self.owned[TopicPartition(topic, partition)].next_offset = next_offset
             self.position = result.position
-            metrics.record_batch(result, len(decoded), time.perf_counter() - prepared.started)
+            self.last_commit = time.monotonic()
+            seconds = time.perf_counter() - prepared.started
+            metrics.record_batch(result, len(decoded), seconds)
+            if self.on_commit is not None:
+                self.on_commit(CommittedBatch(result.position, len(decoded), result, seconds))
+            if not self._unclaimed:
+                self.health.succeeded()
             return True
 
     async def _resync(
@@ -229,24 +332,42 @@ class LedgerConsumer:
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         consumer = self._consumer
         assert consumer is not None
+        partitions = list(assigned)
+        async with self._batch_lock:
+            self._unclaimed.update(partitions)
+            try:
+                await self._claim(consumer, partitions)
+            except DATABASE_ERRORS as exc:
+                # The loop claims them once the database answers; until then their records
+                # are skipped (and sought again after the claim).
+                self.health.failed("claim partitions", exc)
+        log.info("partitions assigned", partitions=sorted(str(tp) for tp in partitions))
+
+    async def _claim(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+        """Claim `partitions` in the database (fencing any previous owner) and seek to their
+        stored offsets; the caller holds the batch lock."""
         by_topic: dict[str, list[int]] = {}
-        for tp in assigned:
-            by_topic.setdefault(tp.topic, []).append(tp.partition)
-        async with self._batch_lock, self.pool.acquire() as conn:
-            for topic, partitions in by_topic.items():
+        for tp in partitions:
+            if tp in self._unclaimed:
+                by_topic.setdefault(tp.topic, []).append(tp.partition)
+        async with self.pool.acquire() as conn:
+            for topic, numbers in by_topic.items():
                 claims = await repo.claim_partitions(
-                    conn, self.settings.consumer_group, topic, partitions, self.owner
+                    conn, self.settings.consumer_group, topic, numbers, self.owner
                 )
                 for partition, claim in claims.items():
                     tp = TopicPartition(topic, partition)
+                    self._unclaimed.discard(tp)
+                    if tp not in consumer.assignment():
+                        continue  # revoked while the claim was being retried
                     self.owned[tp] = Owned(claim.epoch, claim.next_offset or 0)
                     await _seek(consumer, tp, claim.next_offset)
-        log.info("partitions assigned", partitions=sorted(str(tp) for tp in assigned))
 
     async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         async with self._batch_lock:
             for tp in revoked:
                 self.owned.pop(tp, None)
+                self._unclaimed.discard(tp)
         log.info("partitions revoked", partitions=sorted(str(tp) for tp in revoked))
 
 

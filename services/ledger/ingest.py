@@ -159,9 +159,10 @@ async def apply_batch(
     for topic, offsets in by_topic.items():
         await repo.commit_offsets(conn, group_id, topic, offsets)
     if appended.count:
-        await repo.notify_changes(
-            conn, notify_payload(appended.position, appended.changes, appended.state)
-        )
+        # `ledger`: a batch the consumer committed, which (like a heartbeat) tells listeners
+        # that the ledger is alive; holds and expiries written by policies do not.
+        payload = notify_payload(appended.position, appended.changes, appended.state)
+        await repo.notify_changes(conn, {**payload, "ledger": True})
     result.applied = appended.count
     result.position = appended.position
     result.changes = appended.changes

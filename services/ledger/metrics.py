@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -36,3 +38,20 @@ def record_batch(result: BatchResult, records: int, seconds: float) -> None:
     RECORDS_CONSUMED.inc(records)
     BATCH_SECONDS.observe(seconds)
     POSITION.set(result.position)
+
+
+CONSUMER_LAG = Gauge(
+    "quota_ledger_consumer_lag",
+    "Records on the owned partitions not yet applied (high watermark - next offset)",
+)
+SECONDS_SINCE_COMMIT = Gauge(
+    "quota_ledger_seconds_since_last_commit",
+    "Seconds since this process last committed a batch (since start when it has not)",
+)
+
+
+def watch(lag: Callable[[], int], last_commit: Callable[[], float]) -> None:
+    """Compute the consumer's lag (records) and the age of its last commit (from its
+    monotonic time) at each scrape."""
+    CONSUMER_LAG.set_function(lambda: float(lag()))
+    SECONDS_SINCE_COMMIT.set_function(lambda: time.monotonic() - last_commit())

@@ -456,9 +456,7 @@ def _renumber(state: State, positions: dict[int, int]) -> State:
 # --- writing ------------------------------------------------------------------------------------
 
 
-async def _catch_up(
-    conn: asyncpg.Connection, history: History, upto: int
-) -> list[dict[str, Any]]:
+async def _catch_up(conn: asyncpg.Connection, history: History, upto: int) -> list[dict[str, Any]]:
     """Fold (and chain-check) events appended after the snapshot into `history.state`."""
     changes = Changes()  # `_apply_stored` records them; the swap writes every row anyway
     differences: list[dict[str, Any]] = []

@@ -111,7 +111,7 @@ class NewHold:
 
 _HOLD: Final = """
 SELECT idx, outcome, reservation_id, amount, request_id, expires_at, held_position, balance,
-       held
+       held, state
 FROM quota_hold($1::text[], $2::text[], $3::bigint[], $4::text[], $5::timestamptz[],
                 $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10, $11, $12, $13)
 """
@@ -124,10 +124,11 @@ async def hold(
     recorded_at: datetime,
     now: datetime,
 ) -> list[asyncpg.Record]:
-    """Fold, chain and store a group of holds in ONE statement (migration 0004's
-    `quota_hold()`, under the head lock): one round trip, committed on its own when the
+    """Fold, chain and store a group of holds in ONE statement (`quota_hold()`, migrations
+    0004 and 0005, under the head lock): one round trip, committed on its own when the
     connection is not in a transaction. One row per hold, in order: `outcome` is `held`,
-    `repeated` (the request id's reservation) or `insufficient`."""
+    `repeated` (the request id's reservation within its TTL, whatever its `state`) or
+    `insufficient` (check 13: `state` NULL)."""
     rows: list[asyncpg.Record] = await conn.fetch(
         _HOLD,
         [h.account_id for h in holds],

@@ -34,7 +34,7 @@ import io
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import asyncpg
@@ -78,7 +78,9 @@ def parse_point(text: str, name: str) -> Point:
     if _RFC3339.match(value):
         try:
             moment = datetime.fromisoformat(value.upper())
-        except ValueError as exc:
+            # PostgreSQL compares in UTC: 9999-12-31T23:59:59-01:00 has no UTC time in Python.
+            moment.astimezone(UTC)
+        except (ValueError, OverflowError) as exc:
             raise BadPoint(f"{name}: not a valid time: {text!r} ({exc})") from None
         return Point(time=moment)
     raise BadPoint(

@@ -7,8 +7,9 @@ from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 
+from services.ledger.api_models import BAD_REQUEST, AccountSearch, ErrorDetail, admin_read
 from services.ledger.deps import Admin, LedgerDep
 
 router = APIRouter()
@@ -38,14 +39,35 @@ def _static(name: str) -> bytes:
     return resources.files("services.ledger").joinpath("ui_static", name).read_bytes()
 
 
-@router.get("/ui", tags=["ui"], include_in_schema=False)
+@router.get(
+    "/ui",
+    tags=["ui"],
+    response_class=HTMLResponse,
+    responses={200: {"description": "The admin page"}},
+)
 async def ui_page() -> Response:
     """The admin page (no auth: it holds no data until the token is entered)."""
     return Response(_static("index.html"), media_type="text/html; charset=utf-8",
                     headers=SECURITY_HEADERS)  # fmt: skip
 
 
-@router.get("/ui/static/{name}", tags=["ui"], include_in_schema=False)
+@router.get(
+    "/ui/static/{name}",
+    tags=["ui"],
+    response_model=None,
+    response_class=Response,
+    responses={
+        200: {
+            "description": "One of the page's scripts or its stylesheet",
+            "content": {
+                media_type.split(";")[0]: {"schema": {"type": "string"}}
+                for media_type in ASSETS.values()
+            },
+        },
+        **BAD_REQUEST,
+        404: {"model": ErrorDetail, "description": "No such asset"},
+    },
+)
 async def ui_asset(name: str) -> Response:
     media_type = ASSETS.get(name)
     if media_type is None:
@@ -53,7 +75,13 @@ async def ui_asset(name: str) -> Response:
     return Response(_static(name), media_type=media_type, headers=SECURITY_HEADERS)
 
 
-@router.get("/accounts", dependencies=[Admin], tags=["accounts"])
+@router.get(
+    "/accounts",
+    dependencies=[Admin],
+    tags=["accounts"],
+    response_model=None,
+    responses=admin_read(AccountSearch),
+)
 async def search_accounts(
     ledger: LedgerDep,
     prefix: Annotated[str, Query(max_length=200, description="account ids starting with")] = "",

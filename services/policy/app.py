@@ -4,6 +4,11 @@ Start it with `quota policy --host --port` (QUOTA_DATABASE_URL, QUOTA_SERVICE_TO
 QUOTA_REDIS_URL, QUOTA_MAX_STALENESS_SECONDS, QUOTA_FAIL_OPEN). `GET /readyz` answers 200 with
 `{"ready": true, "position": N}` once the snapshot is loaded; N is the ledger position the
 snapshot has seen, which tests and operators can wait on.
+
+Gateways authenticate with `X-Quota-Service-Token` (compared in constant time): every route
+but `/healthz`, `/readyz` and `/metrics` refuses a missing or wrong one with 401
+`service_token_invalid` when QUOTA_SERVICE_TOKEN is set, and `quota policy` does not start
+without it unless QUOTA_ALLOW_ANONYMOUS_GATEWAYS=true (`Settings.check_secrets`).
 """
 
 from __future__ import annotations
@@ -12,16 +17,17 @@ import asyncio
 import contextlib
 import hmac
 import json
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final
+from urllib.parse import quote
 
-import asyncpg
 import orjson
 import structlog
 from fastapi import FastAPI, Header, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,6 +35,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.contract.cloudevent import format_time
 from services.ledger import repository as repo
 from services.ledger.fold import Reservation
+from services.openapi_docs import inline_schema
+from services.policy.api_models import (
+    DECISION_RESPONSES,
+    FORWARD_PARAMETERS,
+    RESERVATION_REFUSALS,
+    Health,
+    forward_responses,
+)
+from services.policy.api_models import Reservation as ReservationState
 from services.policy.decision import (
     INSUFFICIENT_USER_QUOTA,
     AuthorizeRequest,
@@ -44,6 +59,16 @@ from services.policy.reservations import HoldOutcome, Reservations
 from services.policy.snapshot_store import SnapshotStore
 from services.reject_nul import RejectNul
 from services.settings import Settings, asyncpg_dsn
+from services.supervise import (
+    DATABASE_ERRORS,
+    Readiness,
+    cancel_and_wait,
+    describe_database,
+    exit_process,
+    probe_database,
+    supervise_task,
+    wait_until_up,
+)
 
 log = structlog.get_logger("quota.policy.http")
 
@@ -54,7 +79,7 @@ SERVICE_TOKEN_INVALID: Final = "service_token_invalid"
 SNAPSHOT_STALE: Final = "snapshot_stale"
 RESERVATION_UNAVAILABLE: Final = "reservation_unavailable"
 #: What a lost or refusing database raises; a hold that meets one is answered 503.
-DATABASE_FAILURES: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+DATABASE_FAILURES: Final = DATABASE_ERRORS
 REQUEST_TOO_LARGE: Final = "request_too_large"
 
 
@@ -79,28 +104,32 @@ class Policy:
         self.reservations = reservations
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The policy application; its lifespan loads the snapshot and keeps it fresh."""
+def create_app(
+    settings: Settings, *, on_fatal: Callable[[BaseException], None] = exit_process
+) -> FastAPI:
+    """The policy application; its lifespan waits for PostgreSQL, loads the snapshot and keeps
+    it fresh. Its loops (snapshot listener, holds, expiry) retry what they can survive;
+    `on_fatal` is called if one ends otherwise (by default the process exits non-zero)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         dsn = asyncpg_dsn(settings.database_url)
-        store = SnapshotStore(dsn)
-        limiter = build_rate_limiter(settings.redis_url)
-        pool = await repo.create_pool(dsn, max_size=6)
-        reservations = Reservations(pool, settings.reservation_ttl_seconds)
-        tasks = [asyncio.create_task(store.run()), asyncio.create_task(reservations.run())]
-        app.state.policy = Policy(settings, store, limiter, reservations)
-        try:
+        await wait_until_up(
+            describe_database(dsn), lambda: probe_database(dsn), settings.startup_timeout_seconds
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            store = SnapshotStore(dsn)
+            limiter = build_rate_limiter(settings.redis_url)
+            stack.push_async_callback(limiter.close)
+            pool = await repo.create_pool(dsn, max_size=6)
+            stack.push_async_callback(pool.close)
+            reservations = Reservations(pool, settings.reservation_ttl_seconds)
+            app.state.policy = Policy(settings, store, limiter, reservations)
+            for name, loop in (("snapshot", store.run()), ("reservations", reservations.run())):
+                task = asyncio.create_task(loop, name=name)
+                stack.push_async_callback(cancel_and_wait, task)
+                supervise_task(task, on_fatal)
             yield
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await limiter.close()
-            await pool.close()
 
     app = FastAPI(
         title="quota policy",
@@ -111,7 +140,17 @@ def create_app(settings: Settings) -> FastAPI:
     _routes(app)
     app.add_middleware(RejectNul)
     app.add_middleware(AuthorizeFastPath)  # outermost: /authorize skips the rest
+    for error in DATABASE_FAILURES:
+        app.add_exception_handler(error, _database_unavailable)
     return app
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A reservation read or release that met a lost or refusing database: 503, retry."""
+    log.warning("database unavailable", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
+    policy: Policy = request.app.state.policy
+    decision = _reservation_unavailable(policy.store.position)
+    return FastJSONResponse(decision.body, status_code=decision.status, headers=decision.headers)
 
 
 def _error(status: int, reason: str, message: str, position: int, type_: str) -> JSONResponse:
@@ -140,9 +179,12 @@ def _reservation_unavailable(position: int) -> Decision:
 
 
 def _service_refusal(policy: Policy, service_token: str | None) -> JSONResponse | None:
-    """401 when a service token is configured and the gateway did not send it."""
+    """401 when a service token is configured and the gateway did not send it, or sent
+    another (compared in constant time). Every route but health and metrics asks this."""
     expected = policy.settings.service_token
-    if expected and not hmac.compare_digest((service_token or "").encode(), expected.encode()):
+    # Header values arrive decoded as latin-1: back to their bytes, against the token's UTF-8.
+    sent = (service_token or "").encode("latin-1", "replace")
+    if expected and not hmac.compare_digest(sent, expected.encode()):
         return _error(
             401,
             SERVICE_TOKEN_INVALID,
@@ -183,7 +225,12 @@ async def authorize_request(
     policy: Policy, request: AuthorizeRequest, snapshot: Snapshot
 ) -> Decision:
     """Checks 1-13 from the snapshot (pure), the hold when a cost is estimated (check 13
-    again, authoritative, under the ledger lock), then check 14 against the shared limiter."""
+    again, authoritative, under the ledger lock), then check 14 against the shared limiter.
+
+    A hold with a request id is decided by the hold alone from check 13 on: `decide` skips
+    check 13 for it, the hold answers a known request id (within its TTL, whatever the
+    reservation's state) with its reservation before applying check 13, and a repeat is not
+    counted by check 14 again."""
     decision = decide(request, snapshot, datetime.now(UTC))
     key = extract_key(request.authorization)
     held: HoldOutcome | None = None
@@ -301,6 +348,7 @@ def _with_reservation(decision: Decision, held: HoldOutcome) -> Decision:
         "id": reservation.reservation_id,
         "amount": reservation.amount,
         "expires_at": format_time(reservation.expires_at),
+        "state": reservation.state,
     }
     body["position"] = max(body["position"], reservation.held_position)
     return Decision(  # not dataclasses.replace: this runs for every hold
@@ -340,43 +388,69 @@ def _invalid(exc: ValidationError | ValueError, position: int) -> JSONResponse:
     )
 
 
-DENIED_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Invalid request body, invalid channel ID, or a request-limit check"},
-    401: {"description": "No or invalid key, or wrong X-Quota-Service-Token"},
-    403: {"description": "IP, suspension, permission, model, pin, channel or quota denial"},
-    413: {"description": "Request body too large"},
-    429: {"description": "Rate limited (Retry-After)"},
-    503: {
-        "description": "Model unavailable, provider rate limited, a stale snapshot, or a hold "
-        "that could not be written (Retry-After)"
-    },
-}
+_INTEGER = re.compile(r"\s*[+-]?[0-9]{1,30}\s*")
+
+
+def _header_integer(value: str, name: str) -> int:
+    """An integer header value in ASCII digits; a `ValueError` naming the header otherwise."""
+    if not _INTEGER.fullmatch(value):
+        raise ValueError(f"{name}: must be an integer, got {value[:40]!r}")
+    return int(value)
+
+
+def _header_value(value: object) -> str:
+    """A value as an HTTP header can carry it: printable ASCII as is, anything else (an id with
+    a newline, or beyond Latin-1) percent-encoded as UTF-8."""
+    text = str(value)
+    return text if text.isascii() and text.isprintable() else quote(text, safe="")
 
 
 def _routes(app: FastAPI) -> None:
-    @app.get("/healthz", tags=["ops"])
+    @app.get("/healthz", tags=["ops"], response_model=None, responses={200: {"model": Health}})
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], responses={503: {"description": "Snapshot not loaded"}})
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Snapshot not loaded, or stale"}},
+    )
     async def readyz(request: Request) -> JSONResponse:
-        store: SnapshotStore = request.app.state.policy.store
-        if store.snapshot is None:
-            return JSONResponse({"ready": False, "position": 0}, status_code=503)
-        return JSONResponse({"ready": True, "position": store.position})
+        """200 while decisions can be answered: the snapshot is loaded and the ledger was heard
+        from within QUOTA_MAX_STALENESS_SECONDS (or QUOTA_FAIL_OPEN); `reason` names what is
+        degraded meanwhile (e.g. the database is away: holds are refused, checks answered)."""
+        policy: Policy = request.app.state.policy
+        store = policy.store
+        settings = policy.settings
+        reason = None if store.health.ok else f"snapshot listener: {store.health.reason}"
+        ready = store.snapshot is not None
+        if not ready:
+            reason = "snapshot not loaded" + (f" ({reason})" if reason else "")
+        elif not settings.fail_open and (
+            store.seconds_since_heard() > settings.max_staleness_seconds
+        ):
+            ready = False
+            reason = (
+                f"stale: the ledger was last heard from {store.seconds_since_heard():.1f}s ago"
+                + (f" ({reason})" if reason else "")
+            )
+        body = Readiness(ready=ready, position=store.position, reason=reason)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(
         "/authorize",
         tags=["authorize"],
-        responses={200: {"description": "Allowed"}, **DENIED_RESPONSES},
+        response_model=None,
+        responses=DECISION_RESPONSES,
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": AuthorizeRequest.model_json_schema()}},
+                "content": {"application/json": {"schema": inline_schema(AuthorizeRequest)}},
             }
         },
     )
@@ -394,7 +468,8 @@ def _routes(app: FastAPI) -> None:
     @app.get(
         "/reservations/{reservation_id}",
         tags=["reservations"],
-        responses={401: {"description": "Wrong service token"}, 404: {"description": "Unknown"}},
+        response_model=None,
+        responses={200: {"model": ReservationState}, **RESERVATION_REFUSALS},
     )
     async def get_reservation(
         reservation_id: str,
@@ -413,10 +488,11 @@ def _routes(app: FastAPI) -> None:
     @app.post(
         "/reservations/{reservation_id}/release",
         tags=["reservations"],
+        response_model=None,
         responses={
-            401: {"description": "Wrong service token"},
-            404: {"description": "Unknown reservation"},
-            409: {"description": "Already settled or expired"},
+            200: {"model": ReservationState, "description": "Released (now or before)"},
+            **RESERVATION_REFUSALS,
+            409: {"model": ReservationState, "description": "Already settled or expired"},
         },
     )
     async def release_reservation(
@@ -457,7 +533,7 @@ def _routes(app: FastAPI) -> None:
         cost = headers.get("x-quota-estimated-cost")
         try:
             if cost:
-                fields["estimated_cost"] = int(cost)
+                fields["estimated_cost"] = _header_integer(cost, "X-Quota-Estimated-Cost")
             parsed = AuthorizeRequest.model_validate(fields)
         except (ValidationError, ValueError) as exc:
             return _for_nginx(request, _invalid(exc, gate.position))
@@ -474,7 +550,9 @@ def _routes(app: FastAPI) -> None:
             methods=[method],
             tags=["authorize"],
             operation_id=f"authorize_forward_{method.lower()}",
-            responses={200: {"description": "Allowed"}, **DENIED_RESPONSES},
+            response_model=None,
+            responses=forward_responses(),
+            openapi_extra={"parameters": FORWARD_PARAMETERS},
         )
 
 
@@ -490,11 +568,11 @@ def _for_nginx(request: Request, response: JSONResponse) -> Response:
         for name, field in (("Account", "account_id"), ("Token", "token_id"), ("Role", "role"),
                             ("Group", "group"), ("Balance", "balance"),
                             ("Available", "available")):  # fmt: skip
-            headers[f"X-Quota-{name}"] = str(body[field])
+            headers[f"X-Quota-{name}"] = _header_value(body[field])
         if body.get("reservation"):
-            headers["X-Quota-Reservation"] = str(body["reservation"]["id"])
+            headers["X-Quota-Reservation"] = _header_value(body["reservation"]["id"])
     else:
-        headers["X-Quota-Reason"] = str(body["error"]["reason"])
+        headers["X-Quota-Reason"] = _header_value(body["error"]["reason"])
         headers["X-Quota-Error-Body"] = json.dumps(body, ensure_ascii=True)
         if request.headers.get("x-quota-auth-request", "").lower() == "nginx" and status not in (
             401,

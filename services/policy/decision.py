@@ -7,7 +7,10 @@ process or in Redis), so `decide` stops at naming it: an allowed decision carrie
 limit for the model (`rate_limit_key`, `rate_limit`), the service counts the request against
 it, and `rate_limited(decision, retry_after)` is the 429 when the window is full. Holding a
 reservation (section 5) is the service's job too, after an allowed decision; the decision
-leaves `"reservation": null` in the body for it to fill in.
+leaves `"reservation": null` in the body for it to fill in. A request with both
+`estimated_cost` and `request_id` skips check 13 here: the hold applies it, under the ledger
+lock, after looking the request id up, so a retry of a hold (on any replica) gets that hold
+back even when the snapshot shows too little left for a second one.
 
 Choices where the contract is silent (documented here, tested in tests/policy):
 
@@ -646,10 +649,13 @@ def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Deci
         ends = min(c.rate_limited_until for c in eligible if c.rate_limited_until is not None)
         return deny(PROVIDER_RATE_LIMITED, position, retry_after=seconds_until(ends, now))
 
-    # 13. The balance covers the request.
+    # 13. The balance covers the request; for a hold with a request id, the hold decides it
+    # (see the module doc).
     available = account.balance - account.held
     cost = request.estimated_cost
-    if available <= 0 or (cost is not None and cost > available):
+    if (cost is None or request.request_id is None) and (
+        available <= 0 or (cost is not None and cost > available)
+    ):
         return deny(INSUFFICIENT_USER_QUOTA, position)
 
     # 14. The account's rate limit for the model: named here, counted by the service.

@@ -25,7 +25,10 @@ Two backends:
   all left their window are swept periodically.
 - `RedisRateLimiter`: a sorted set per key, updated by one Lua script timed by the Redis
   server's clock (`TIME`), so every policy replica sharing the Redis shares the windows. Keys
-  expire one window after their last call.
+  expire one window after their last call. While Redis does not answer (refused, or slower
+  than `REDIS_TIMEOUT_SECONDS`), each replica counts in process instead (the limits then hold
+  per replica), logs and counts it (`quota_loop_failures_total{loop="redis"}`,
+  `quota_loop_healthy{loop="redis"}`), and goes back to Redis at the next call that succeeds.
 """
 
 from __future__ import annotations
@@ -40,12 +43,16 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from services.ledger.fold import RateLimit
+from services.supervise import LoopHealth
 
 DEFAULT_PREFIX: Final = "quota:rl:"
 #: Seconds between two sweeps of the in-process limiter's expired keys.
 DEFAULT_SWEEP_INTERVAL: Final = 60.0
+#: Longest a decision waits on Redis before it counts in process instead.
+REDIS_TIMEOUT_SECONDS: Final = 0.5
 
 
 class RateLimiter(Protocol):
@@ -208,11 +215,19 @@ class RedisRateLimiter:
         self._script = client.register_script(HIT_SCRIPT)
         self._member_prefix = os.urandom(8).hex()
         self._sequence = itertools.count()
+        #: Counts while Redis does not answer; `health` says since when and why.
+        self._fallback = InProcessRateLimiter()
+        self.health = LoopHealth("redis")
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> RedisRateLimiter:
         """A limiter with a client of its own, for a `redis://` (or `rediss://`, `unix://`) URL."""
-        return cls(Redis.from_url(url), prefix=prefix, owns_client=True)
+        client = Redis.from_url(
+            url,
+            socket_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+        )
+        return cls(client, prefix=prefix, owns_client=True)
 
     @property
     def prefix(self) -> str:
@@ -221,10 +236,15 @@ class RedisRateLimiter:
     async def hit(self, account_id: str, model: str, limit: RateLimit) -> int | None:
         window_ms = _window_seconds(limit) * 1000
         member = f"{self._member_prefix}:{next(self._sequence)}"
-        result = await self._script(
-            keys=[redis_key(self._prefix, account_id, model)],
-            args=[limit.requests, window_ms, member],
-        )
+        try:
+            result = await self._script(
+                keys=[redis_key(self._prefix, account_id, model)],
+                args=[limit.requests, window_ms, member],
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.health.failed("hit", exc)
+            return self._fallback.hit_now(account_id, model, limit)
+        self.health.succeeded()
         wait = int(result)
         return None if wait == 0 else max(wait, 1)
 

@@ -4,8 +4,15 @@ A hold is a `quota.reservation.held` event stored under the ledger head lock, th
 every ledger batch takes, and a hold larger than what is available (balance - active holds) is
 refused, by the fold's rule. So no interleaving of requests, on any number of policy replicas,
 nor of a ledger debit, can hold more than was there. Concurrent holds of one process are
-committed together (group commit): one statement, `quota_hold()` (migration 0004), one
-transaction, one lock, many holds. Releases and expiries go through the Python fold.
+committed together (group commit): one statement, `quota_hold()` (migrations 0004 and 0005),
+one transaction, one lock, many holds. Releases and expiries go through the Python fold.
+
+A request id is idempotent for the TTL: a hold whose `request_id` names a reservation of the
+account whose `expires_at` is still ahead gets that reservation back (`repeated`), whatever its
+state: a held one, or one already settled or released, which takes no second hold. This is
+decided under the head lock before check 13, so a retry on any replica gets its own hold even
+when what is left could not cover a second one (the decision leaves check 13 of such a request
+to the hold).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from services.ledger import repository as repo
 from services.ledger.chain import payload_hash
 from services.ledger.fold import HELD, Reservation
 from services.ledger.ingest import append_local
+from services.supervise import DATABASE_ERRORS, LoopHealth
 
 log = structlog.get_logger("quota.policy.reservations")
 
@@ -36,6 +44,8 @@ SOURCE = "quota/policy"
 SWEEP_LIMIT = 500
 #: Group commits in flight at once (each on its own connection; the head lock orders them).
 COMMITS_IN_FLIGHT = 2
+#: How long a hold may wait for its group commit before it is answered 503.
+HOLD_TIMEOUT_SECONDS = 5.0
 
 HOLD_BATCH = Histogram(
     "quota_policy_hold_batch_size",
@@ -52,7 +62,8 @@ HOLD_COMMIT = Histogram(
 @dataclass(frozen=True, slots=True)
 class HoldOutcome:
     """A held (or, for a repeated request id, the existing) reservation, or why not; with the
-    account's balance and held amount right after it."""
+    account's balance and held amount right after it. A repeat's reservation has its stored
+    state: `held`, or `settled` / `released` when it ended within its TTL."""
 
     reservation: Reservation | None
     balance: int = 0
@@ -74,7 +85,7 @@ def _outcome(request: _HoldRequest, row: asyncpg.Record) -> HoldOutcome:
         account_id=request.account_id,
         amount=row["amount"],
         request_id=row["request_id"],
-        state=HELD,
+        state=row["state"],
         expires_at=row["expires_at"],
         held_position=row["held_position"],
     )
@@ -123,6 +134,8 @@ class Reservations:
         self._wake = asyncio.Event()
         #: The group commits' own connections, taken from the pool and kept between commits.
         self._idle: list[asyncpg.Connection] = []
+        #: The expiry sweeper's progress (it retries with backoff while the database refuses).
+        self.sweeper = LoopHealth("expiry")
 
     async def run(self) -> None:
         """The group-commit worker and the expiry sweeper, until cancelled.
@@ -170,7 +183,9 @@ class Reservations:
         future: asyncio.Future[HoldOutcome] = asyncio.get_running_loop().create_future()
         self._queue.append(_HoldRequest(account_id, amount, request_id, actor, future))
         self._wake.set()
-        return await future
+        # A database that hangs must not hang the gateway: TimeoutError is answered 503 (a
+        # hold committed after it is found by its request id, or ends at its TTL).
+        return await asyncio.wait_for(future, HOLD_TIMEOUT_SECONDS)
 
     async def _commit_holds(self, batch: list[_HoldRequest]) -> None:
         HOLD_BATCH.observe(len(batch))
@@ -216,7 +231,7 @@ class Reservations:
                     expires_at, event_id, now, payload.decode(), payload_hash(payload),
                 )
             )  # fmt: skip
-        conn = self._idle.pop() if self._idle else await self.pool.acquire()
+        conn = await self._connection()
         try:
             rows = await repo.hold(conn, holds, SOURCE, datetime.now(UTC), now)
         except BaseException:
@@ -225,6 +240,20 @@ class Reservations:
             raise
         self._idle.append(conn)
         return [_outcome(request, row) for request, row in zip(batch, rows, strict=True)]
+
+    async def _connection(self) -> asyncpg.Connection:
+        """A kept connection that is still open, else one from the pool. A connection the
+        server dropped (an outage, a failover) is detached by asyncpg while it is kept here."""
+        while self._idle:
+            conn = self._idle.pop()
+            try:
+                if not conn.is_closed():
+                    return conn
+            except asyncpg.InterfaceError:
+                pass  # released back to the pool when its backend went away
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)
+        return await self.pool.acquire()
 
     async def get(self, reservation_id: str) -> Reservation | None:
         async with self.pool.acquire() as conn:
@@ -279,10 +308,14 @@ class Reservations:
                     return expired
 
     async def _sweep_forever(self) -> None:
+        """Expire due holds every interval; while the database refuses, retry with backoff
+        (`sweeper`'s health and `quota_loop_failures_total{loop="expiry"}` say so)."""
         interval = min(1.0, max(0.05, self.ttl.total_seconds() / 10))
         while True:
             try:
                 await self.expire_due(datetime.now(UTC))
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-                log.warning("expiry sweep failed", error=str(exc))
+            except DATABASE_ERRORS as exc:
+                await asyncio.sleep(max(interval, self.sweeper.failed("expire", exc)))
+                continue
+            self.sweeper.succeeded()
             await asyncio.sleep(interval)

@@ -4,6 +4,11 @@ The ledger sends `NOTIFY quota_changes` in every batch's transaction (so it arri
 naming what changed and the new position, and a heartbeat with its position when idle. This
 store listens on a dedicated connection, reloads only the rows a notification names, and
 reloads everything after (re)connecting, since notifications sent while disconnected are lost.
+
+Freshness counts only what proves a live ledger: a batch it committed (`ledger`) or its
+heartbeat, minus the heartbeat's `cycle_age` (how long ago its consumer loop last made
+progress). Holds and expiries that policies write do not count. The listening connection is
+supervised: lost or refused, it is retried with capped backoff (`health` says why meanwhile).
 """
 
 from __future__ import annotations
@@ -21,10 +26,9 @@ import structlog
 from services.ledger import repository as repo
 from services.ledger.fold import Account, RateLimit, State, Token
 from services.policy.decision import Snapshot
+from services.supervise import DATABASE_ERRORS, LoopHealth
 
 log = structlog.get_logger("quota.policy.snapshot")
-
-RECONNECT_DELAY_SECONDS = 0.5
 
 
 @dataclass(slots=True)
@@ -95,22 +99,31 @@ class SnapshotStore:
         self._last_heard = time.monotonic()
         self._heard_position = 0
         self._changed = asyncio.Condition()
+        #: The listening connection's state: `reason` says why it is not listening.
+        self.health = LoopHealth("snapshot")
 
     @property
     def position(self) -> int:
         return self.snapshot.position if self.snapshot is not None else 0
+
+    def _heard(self, cycle_age: object) -> None:
+        """The ledger spoke; a heartbeat vouches only for its loop's last cycle."""
+        age = float(cycle_age) if isinstance(cycle_age, int | float) else 0.0
+        self._last_heard = max(self._last_heard, time.monotonic() - max(0.0, age))
 
     def seconds_since_heard(self) -> float:
         """Seconds since the ledger was last heard from (a change or a heartbeat)."""
         return time.monotonic() - self._last_heard
 
     async def run(self) -> None:
+        """Listen and keep the snapshot fresh until cancelled; reconnect with backoff."""
         while True:
             try:
                 await self._listen_once()
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-                log.warning("snapshot connection lost; reconnecting", error=str(exc))
-            await asyncio.sleep(RECONNECT_DELAY_SECONDS)
+                delay = self.health.failed("listen", ConnectionError("connection closed"))
+            except DATABASE_ERRORS as exc:
+                delay = self.health.failed("listen", exc)
+            await asyncio.sleep(delay)
 
     async def wait_for_position(self, position: int) -> None:
         """Until the snapshot has seen `position` (tests and readiness use this)."""
@@ -126,6 +139,7 @@ class SnapshotStore:
             await conn.add_listener(repo.CHANGES_CHANNEL, self._on_notify)
             # Listen first, then load: nothing committed after the load can be missed.
             await self._reload_all(conn)
+            self.health.succeeded()
             while not lost.is_set():
                 waiter = asyncio.ensure_future(self._wake.wait())
                 lost_waiter = asyncio.ensure_future(lost.wait())
@@ -141,7 +155,6 @@ class SnapshotStore:
                 await conn.close()
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self._last_heard = time.monotonic()
         try:
             message = json.loads(payload)
         except json.JSONDecodeError:
@@ -149,6 +162,8 @@ class SnapshotStore:
             return
         if not isinstance(message, dict):
             return
+        if message.get("heartbeat") or message.get("ledger"):
+            self._heard(message.get("cycle_age"))
         self._pending.merge(message)
         self._wake.set()
 

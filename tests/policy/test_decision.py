@@ -723,6 +723,24 @@ def test_available_is_balance_minus_held() -> None:
     assert run(req(estimated_cost=61), snap(state)).reason == "insufficient_user_quota"
 
 
+def test_a_hold_with_a_request_id_leaves_check_13_to_the_hold() -> None:
+    """Its retry must get its own hold back, though the snapshot shows too little left for a
+    second one: the hold looks the request id up first, then applies check 13 itself."""
+    state = with_account(world(), "acct_user", balance=100, held=70)
+    for cost in (70, 100, 10**6):
+        decision = run(req(estimated_cost=cost, request_id="req-1"), snap(state))
+        assert decision.allowed and decision.body["available"] == 30
+        assert run(req(estimated_cost=cost), snap(state)).reason == "insufficient_user_quota"
+    state = with_account(world(), "acct_user", balance=100, held=100)
+    assert run(req(estimated_cost=5, request_id="req-1"), snap(state)).allowed
+    # without a hold there is nothing to look up: the snapshot decides
+    assert run(req(request_id="req-1"), snap(state)).reason == "insufficient_user_quota"
+    # the checks before 13 still apply
+    assert run(req(estimated_cost=5, request_id="req-1", model="nope"), snap(state)).reason == (
+        "model_unavailable"
+    )
+
+
 def test_rate_limiter_sees_the_model_limit_and_only_when_all_else_passed() -> None:
     calls: list[tuple[str, str, RateLimit, datetime]] = []
 

@@ -1,4 +1,4 @@
-"""The group commit of holds runs in PostgreSQL (`quota_hold()`, migration 0004): it must
+"""The group commit of holds runs in PostgreSQL (`quota_hold()`, migrations 0004-0005): it must
 decide exactly as the Python fold does, chain exactly as the ledger does, and notify the policy
 replicas with the rows it wrote. Checked against a model of the rule on random batches, then by
 verify (the Python re-fold of the stored history) and replay --check."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from services.contract.cloudevent import decode_http_object
 from services.ledger import repository as repo
 from services.ledger.audit import verify
+from services.ledger.fold import HELD, RELEASED, Reservation
 from services.ledger.ingest import append_local
 from services.policy.reservations import SWEEP_LIMIT, HoldOutcome, Reservations, _HoldRequest
 from tests.builders import assert_history_clean, recharge
@@ -48,42 +50,91 @@ async def commit(
     return [request.future.result() for request in requests]
 
 
+@dataclass(slots=True)
+class Known:
+    """The model's latest reservation of an (account, request id)."""
+
+    reservation_id: str
+    amount: int
+    state: str
+    lapsed: bool  # its TTL has passed: the request id may hold again
+
+
 @pytest.mark.timeout(120)
 async def test_random_batches_decide_as_the_fold_and_verify_clean(pool: asyncpg.Pool) -> None:
+    """The model: a request id with a reservation whose TTL is still ahead gets it back, in
+    whatever state (held, or released within its TTL: no second hold), before check 13; only
+    once its TTL has passed may it hold again. Otherwise check 13 as the fold has it."""
     rng = random.Random(4)
     balances = {account: rng.randrange(50, 400) for account in ACCOUNTS}
     await fund(pool, balances)
     held = dict.fromkeys(ACCOUNTS, 0)
-    active: dict[tuple[str, str], str] = {}  # (account, request id) -> reservation id
-    reservations = Reservations(pool, ttl_seconds=3_600)
-    outcomes = {"held": 0, "repeated": 0, "insufficient": 0}
-    for _ in range(40):
+    known: dict[tuple[str, str], Known] = {}
+    unended: dict[str, Reservation] = {}  # the lasting holds, by id
+    lasting = Reservations(pool, ttl_seconds=3_600)
+    brief = Reservations(pool, ttl_seconds=0.05)
+    outcomes = dict.fromkeys(
+        ("held", "insufficient", "repeated held", "repeated released", "repeated beyond "
+         "available", "held again after the ttl"), 0
+    )  # fmt: skip
+    for _ in range(60):
         batch = []
         for _ in range(rng.randrange(1, 12)):
             account = rng.choice((*ACCOUNTS, *ACCOUNTS, UNKNOWN))
             request_id = rng.choice((None, None, f"req-{rng.randrange(6)}"))
             batch.append((account, rng.randrange(1, 60), request_id))
-        for (account, amount, request_id), outcome in zip(
-            batch, await commit(reservations, batch), strict=True
-        ):
+        reservations = brief if rng.random() < 0.2 else lasting
+        answers = await commit(reservations, batch)
+        for (account, amount, request_id), outcome in zip(batch, answers, strict=True):
             key = (account, request_id) if request_id is not None else None
-            if key is not None and key in active:
-                assert outcome.repeated and outcome.reservation is not None
-                assert outcome.reservation.reservation_id == active[key]
-                outcomes["repeated"] += 1
-                continue
             available = balances.get(account, 0) - held.get(account, 0)
+            seen = known.get(key) if key is not None else None
+            if seen is not None and not seen.lapsed:
+                assert outcome.repeated and outcome.reservation is not None
+                assert outcome.reservation.reservation_id == seen.reservation_id
+                assert (outcome.reservation.amount, outcome.reservation.state) == (
+                    seen.amount, seen.state
+                )  # fmt: skip
+                assert (outcome.balance, outcome.held) == (balances[account], held[account])
+                outcomes[f"repeated {seen.state}"] += 1
+                if available <= 0 or amount > available:
+                    outcomes["repeated beyond available"] += 1
+                continue
             if account == UNKNOWN or available <= 0 or amount > available:
                 assert outcome.reservation is None and outcome.reason, (account, amount)
                 outcomes["insufficient"] += 1
                 continue
             assert outcome.reservation is not None and not outcome.repeated
-            assert outcome.reservation.amount == amount
+            assert (outcome.reservation.amount, outcome.reservation.state) == (amount, HELD)
             held[account] += amount
             assert (outcome.balance, outcome.held) == (balances[account], held[account])
             if key is not None:
-                active[key] = outcome.reservation.reservation_id
-            outcomes["held"] += 1
+                outcomes["held again after the ttl" if seen is not None else "held"] += 1
+                known[key] = Known(outcome.reservation.reservation_id, amount, HELD, False)
+            else:
+                outcomes["held"] += 1
+        new = [a.reservation for a in answers if a.reservation is not None and not a.repeated]
+        if reservations is brief and new:  # this batch's holds lapse before the next batch
+            last = max(reservation.expires_at for reservation in new)
+            while datetime.now(UTC) <= last:
+                await asyncio.sleep(0.01)
+            lapsed = {reservation.reservation_id for reservation in new}
+            for seen in known.values():
+                seen.lapsed = seen.lapsed or seen.reservation_id in lapsed
+            assert await brief.expire_due(datetime.now(UTC)) == len(new)
+            for reservation in new:
+                held[reservation.account_id] -= reservation.amount
+        elif new:
+            unended.update((reservation.reservation_id, reservation) for reservation in new)
+        for reservation_id in rng.sample(sorted(unended), min(len(unended), rng.randrange(5))):
+            reservation = unended.pop(reservation_id)
+            released = await lasting.release(reservation_id, "test")
+            assert released is not None and released.state == RELEASED
+            held[reservation.account_id] -= reservation.amount
+            if reservation.request_id is not None:
+                seen = known[reservation.account_id, reservation.request_id]
+                assert seen.reservation_id == reservation_id
+                seen.state = RELEASED
     assert all(outcomes.values()), outcomes  # every branch was taken
     async with pool.acquire() as conn:
         stored = {r["account_id"]: r["held"] for r in await conn.fetch("SELECT * FROM accounts")}

@@ -287,3 +287,69 @@ async def test_build_rate_limiter() -> None:
     await remote.close()
     with pytest.raises(ValueError):
         build_rate_limiter("http://127.0.0.1:6379")
+
+
+class _Forwarder:
+    """A TCP forwarder to Redis that can be taken down and brought back on the same port, so
+    the limiter meets refused and reset connections for real."""
+
+    def __init__(self, target: str) -> None:
+        parts = target.split("//", 1)[-1].split("/", 1)[0]
+        host, _, port = parts.rpartition(":")
+        self.target = (host or "127.0.0.1", int(port or 6379))
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_redis_going_away_falls_back_to_counting_in_process(redis_url: str) -> None:
+    forwarder = _Forwarder(redis_url)
+    await forwarder.start()
+    limiter = RedisRateLimiter.from_url(
+        f"redis://127.0.0.1:{forwarder.port}/0", prefix=f"quota:test:rl:{uuid.uuid4().hex}:"
+    )
+    acct, rule = account(), limit(3, 60)
+    try:
+        assert await limiter.hit(acct, "m", rule) is None
+        assert limiter.health.ok
+        await forwarder.stop()
+        # Redis is away: each call is still answered, counted in this process.
+        during = [await limiter.hit(acct, "m", rule) for _ in range(5)]
+        assert during[:3] == [None, None, None]
+        assert all(wait is not None and wait >= 1 for wait in during[3:])
+        assert not limiter.health.ok and limiter.health.failures >= 5
+        await forwarder.start()  # back on the same port
+        fresh = account()
+        assert await limiter.hit(fresh, "m", rule) is None
+        assert limiter.health.ok
+    finally:
+        await limiter.close()
+        if forwarder.server is not None and forwarder.server.is_serving():
+            await forwarder.stop()

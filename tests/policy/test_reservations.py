@@ -138,6 +138,177 @@ async def test_the_same_request_id_returns_the_same_reservation_on_either_proces
     assert held == 60
 
 
+async def held_of(pool: asyncpg.Pool, account: str) -> int:
+    async with pool.acquire() as conn:
+        held: int = await conn.fetchval("SELECT held FROM accounts WHERE account_id = $1", account)
+        return held
+
+
+async def wait_seen(policy: QuotaProcess, position: int) -> None:
+    """Until the policy's snapshot has reached `position`."""
+    async with httpx.AsyncClient(base_url=policy.url) as client:
+
+        async def seen() -> bool:
+            return bool((await client.get("/readyz")).json()["position"] >= position)
+
+        await wait_for(seen, timeout=30, what=f"{policy.name} at position {position}")
+
+
+@pytest.mark.timeout(120)
+async def test_a_retry_on_another_replica_gets_its_hold_though_a_second_would_not_fit(
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
+) -> None:
+    """100 funded, 70 held by request R on policy 0: R again on policy 1, whose snapshot shows
+    only 30 left, is the same hold, not 403 insufficient_user_quota."""
+    async with running_ledger(settings) as (_, ledger):
+        await fund(ledger, pool, "acct_retry", 100)
+        policies = await start_policies(quota_processes, pool, 2)
+        async with httpx.AsyncClient() as client:
+            first = await client.post(f"{policies[0].url}/authorize", json=ask(70, "req-R"))
+            assert first.status_code == 200, first.text
+            await wait_seen(policies[1], first.json()["position"])  # it sees 30 available
+            retried = await client.post(f"{policies[1].url}/authorize", json=ask(70, "req-R"))
+            again = await client.post(f"{policies[0].url}/authorize", json=ask(70, "req-R"))
+            fresh = await client.post(f"{policies[1].url}/authorize", json=ask(70, "req-S"))
+    assert retried.status_code == 200, retried.text
+    assert again.status_code == 200, again.text
+    hold = first.json()["reservation"]
+    assert hold["state"] == "held" and hold["amount"] == 70
+    assert retried.json()["reservation"] == hold == again.json()["reservation"]
+    assert (retried.json()["balance"], retried.json()["available"]) == (100, 30)
+    assert fresh.status_code == 403  # a new request id still gets check 13, from the hold
+    assert fresh.json()["error"]["reason"] == "insufficient_user_quota"
+    assert await held_of(pool, "acct_retry") == 70
+    await assert_history_clean(pool)
+
+
+@pytest.mark.timeout(120)
+async def test_a_retry_of_a_released_hold_within_its_ttl_holds_nothing_again(
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
+) -> None:
+    async with running_ledger(settings) as (_, ledger):
+        await fund(ledger, pool, "acct_again", 100)
+        policies = await start_policies(quota_processes, pool, 2)
+        async with httpx.AsyncClient() as client:
+            first = await client.post(f"{policies[0].url}/authorize", json=ask(40, "req-R"))
+            reservation_id = first.json()["reservation"]["id"]
+            released = await client.post(f"{policies[0].url}/reservations/{reservation_id}/release")
+            retries = [
+                await client.post(f"{policy.url}/authorize", json=ask(40, "req-R"))
+                for policy in (policies[1], policies[0])
+            ]
+            shown = await client.get(f"{policies[1].url}/reservations/{reservation_id}")
+    assert released.status_code == 200 and released.json()["state"] == "released"
+    for retry in retries:
+        assert retry.status_code == 200, retry.text
+        assert retry.json()["reservation"]["id"] == reservation_id
+        assert retry.json()["reservation"]["state"] == "released"
+        assert retry.json()["reservation"]["amount"] == 40
+    assert shown.json()["state"] == "released"
+    assert await held_of(pool, "acct_again") == 0
+    async with pool.acquire() as conn:
+        holds = await conn.fetchval("SELECT count(*) FROM reservations")
+    assert holds == 1
+    await assert_history_clean(pool)
+
+
+@pytest.mark.timeout(240)
+async def test_a_replica_killed_in_the_hammer_overdraws_nothing_and_its_holds_expire(
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
+) -> None:
+    """400 holds of 10 on 2000, over two processes, half of them with request ids; policy 1
+    is SIGKILLed part way, once it has held some. Never more held than the balance; every hold
+    the dead replica wrote is expired by the survivor's sweeper at its TTL, not before; the
+    history verifies."""
+    account = "acct_killed"
+    ttl = 5.0
+    async with running_ledger(settings) as (_, ledger):
+        await fund(ledger, pool, account, 2000)
+        policies = await start_policies(quota_processes, pool, 2, reservation_ttl_seconds=ttl)
+        limits = httpx.Limits(max_connections=100)
+        clients = [httpx.AsyncClient(base_url=p.url, limits=limits, timeout=60) for p in policies]
+        held_by_1 = 0
+        samples: list[tuple[int, int, int]] = []
+        hammering = True
+
+        async def call(i: int) -> httpx.Response:
+            nonlocal held_by_1
+            body = ask(10, f"kill-{i}" if i % 4 < 2 else None)
+            answer = await clients[i % 2].post("/authorize", json=body)
+            held_by_1 += i % 2 == 1 and answer.status_code == 200
+            return answer
+
+        async def kill_part_way() -> None:
+            async def policy_1_has_held() -> bool:
+                return held_by_1 >= 10
+
+            await wait_for(policy_1_has_held, timeout=60, what="policy 1 to hold 10")
+            policies[1].sigkill()
+
+        async def watch() -> None:
+            """Balance, held, and the sum of the held reservations, read in one snapshot."""
+            async with pool.acquire() as conn:
+                while hammering:
+                    samples.append(tuple(await conn.fetchrow(
+                        "SELECT a.balance, a.held, (SELECT coalesce(sum(r.amount), 0)"
+                        " FROM reservations r WHERE r.account_id = a.account_id"
+                        " AND r.state = 'held') FROM accounts a WHERE a.account_id = $1",
+                        account,
+                    )))  # fmt: skip
+                    await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            answers, _ = await asyncio.gather(
+                asyncio.gather(*(call(i) for i in range(400)), return_exceptions=True),
+                kill_part_way(),
+            )
+        finally:
+            hammering = False
+            await watcher
+            for client in clients:
+                await client.aclose()
+        survived = [a for a in answers[::2] if isinstance(a, httpx.Response)]
+        assert len(survived) == 200, "policy 0 must answer every call"
+        # (a 503 reservation_unavailable is a hold that outwaited its commit on a busy host)
+        assert {a.status_code for a in survived} <= {200, 403, 503}
+        survivor_ids = {a.json()["reservation"]["id"] for a in survived if a.status_code == 200}
+        lost = [a for a in answers[1::2] if isinstance(a, Exception)]
+        assert lost, "policy 1 was killed after it had answered everything"
+        async with pool.acquire() as conn:
+            dead_ids = {
+                row["reservation_id"]
+                for row in await conn.fetch("SELECT reservation_id FROM reservations")
+            } - survivor_ids
+        assert dead_ids, "policy 1 held nothing before it was killed"
+
+        async def all_ended() -> bool:
+            async with pool.acquire() as conn:
+                held: int = await conn.fetchval(
+                    "SELECT count(*) FROM reservations WHERE state = 'held'"
+                )
+            return held == 0
+
+        await wait_for(all_ended, timeout=60, what="every hold to expire")
+    assert samples and all(held <= balance and held == in_holds
+                           for balance, held, in_holds in samples), samples  # fmt: skip
+    async with pool.acquire() as conn:
+        ended = await conn.fetch(
+            "SELECT r.reservation_id, r.state, r.ended_by, r.expires_at, e.time"
+            " FROM reservations r JOIN event_store e ON e.event_id = r.reservation_id || ':expired'"
+            " WHERE r.reservation_id = ANY($1::text[])",
+            sorted(dead_ids),
+        )
+        row = await conn.fetchrow(
+            "SELECT balance, held FROM accounts WHERE account_id = $1", account
+        )
+    assert len(ended) == len(dead_ids)
+    assert all(r["state"] == "expired" and r["ended_by"] == "policy:ttl" for r in ended)
+    assert all(r["time"] >= r["expires_at"] for r in ended)
+    assert (row["balance"], row["held"]) == (2000, 0)
+    await assert_history_clean(pool)
+
+
 @pytest.mark.timeout(120)
 async def test_release_is_idempotent_and_an_unknown_id_is_404(
     settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
