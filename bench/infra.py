@@ -1,6 +1,5 @@
-"""The benchmarks' infrastructure: a fresh migrated database and a broker, removed afterwards.
-
-Shared by `bench.fold`, `bench.authorize` and `bench.replay`.
+"""The benchmarks' infrastructure: a fresh migrated database and a broker, removed afterwards,
+and the one Kafka publisher they all produce with.
 """
 
 from __future__ import annotations
@@ -11,14 +10,18 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from types import TracebackType
+from typing import Any, Final
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from services.contract.samples import structured
 from services.infra.broker import TansuBroker
 from services.infra.postgres import find_or_start_postgres, run_on_server, with_database
 from services.migrate import upgrade
@@ -135,3 +138,47 @@ async def remove_topic(bootstrap: str, topic: str, groups: list[str]) -> None:
             await admin.delete_consumer_groups(groups)
     finally:
         await admin.close()
+
+
+class Publisher:
+    """The benchmarks' Kafka producer: records keyed by subject, acknowledged by all replicas
+    (as the ledger's `POST /events` produces). `linger_ms=0` for one record at a time."""
+
+    #: Sends in flight before waiting for their acknowledgements.
+    WINDOW: Final = 10_000
+
+    def __init__(self, bootstrap: str, topic: str, *, linger_ms: int = 5) -> None:
+        self.topic = topic
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms, max_batch_size=256 * 1024
+        )
+
+    async def __aenter__(self) -> Publisher:
+        await self.producer.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.producer.stop()
+
+    async def send_all(self, records: Iterable[tuple[bytes, bytes]]) -> None:
+        """Send (key, value) records, a window at a time; return once all are acknowledged."""
+        pending: list[asyncio.Future[Any]] = []
+        for key, value in records:
+            pending.append(await self.producer.send(self.topic, key=key, value=value))
+            if len(pending) >= self.WINDOW:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+
+    async def send_one(self, key: bytes, value: bytes) -> None:
+        await self.producer.send_and_wait(self.topic, key=key, value=value)
+
+
+async def publish(bootstrap: str, topic: str, events: Sequence[dict[str, Any]]) -> float:
+    """Produce JSON events (structured mode, keyed by subject); the seconds it took."""
+    started = time.perf_counter()
+    async with Publisher(bootstrap, topic) as publisher:
+        await publisher.send_all((e["subject"].encode(), structured(e)) for e in events)
+    return time.perf_counter() - started

@@ -8,8 +8,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from services.ledger.tables import metadata
 from services.settings import Settings, sqlalchemy_url
+from services.store.tables import metadata
 
 config = context.config
 target_metadata = metadata

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The whole check, in the project venv: ruff, mypy, pytest (extra arguments go to pytest).
+"""The whole check, in the project venv: ruff check, ruff format --check, mypy, pytest (extra
+arguments go to pytest).
 
 Normally started by `python3 bootstrap.py test [pytest args...]`.
 
@@ -186,6 +187,7 @@ def main(pytest_args: list[str]) -> int:
 
     try:
         step("ruff check .", [python, "-m", "ruff", "check", "."])
+        step("ruff format --check .", [python, "-m", "ruff", "format", "--check", "."])
         step(f"mypy {' '.join(mypy_targets)}", [python, "-m", "mypy", *mypy_targets])
         header("infrastructure")
         ensure_nginx()

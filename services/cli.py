@@ -77,8 +77,8 @@ def verify_command() -> None:
     import json
 
     from services.ledger.audit import verify
-    from services.ledger.repository import create_pool
     from services.settings import asyncpg_dsn
+    from services.store.db import create_pool
 
     async def run() -> dict[str, object]:
         pool = await create_pool(asyncpg_dsn(Settings().database_url), max_size=1)
@@ -101,7 +101,7 @@ def replay(
     ] = False,
 ) -> None:
     """Rebuild every projection from history and swap it in (or only report, with --check)."""
-    from services.ledger.replay import replay_command
+    from services.ledger.replay_cli import replay_command
 
     raise typer.Exit(replay_command(check, from_kafka))
 

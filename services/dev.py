@@ -15,12 +15,12 @@ import uvicorn
 from services.contract.cloudevent import decode_http_object
 from services.infra.broker import TansuBroker
 from services.infra.postgres import find_or_start_postgres, with_database
-from services.ledger import repository as repo
 from services.ledger.app import create_app, publish
 from services.logs import configure_logging
 from services.migrate import upgrade
 from services.policy.app import create_app as create_policy_app
 from services.settings import DEV_ADMIN_TOKEN, Settings, asyncpg_dsn
+from services.store import projections
 
 DEMO_ACCOUNT = "acct_demo"
 DEMO_TOKEN_ID = "tok_demo"
@@ -151,6 +151,6 @@ async def _wait_for_account(pool: asyncpg.Pool, account_id: str, timeout: float)
     async with asyncio.timeout(timeout):
         while True:
             async with pool.acquire() as conn:
-                if await repo.get_account(conn, account_id) is not None:
+                if await projections.get_account(conn, account_id) is not None:
                     return
             await asyncio.sleep(0.1)

@@ -27,10 +27,12 @@ from pydantic import BaseModel
 
 log = structlog.get_logger("quota.supervise")
 
-#: What a lost, refusing or restarting PostgreSQL raises.
+#: What a lost, refusing or restarting PostgreSQL raises (asyncpg's InternalClientError: a
+#: connection terminated in the middle of a COPY, seen in the soak benchmark's outage).
 DATABASE_ERRORS: Final = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )

@@ -1,77 +1,36 @@
-"""Builders of test events and small waiting helpers shared by the tests."""
+"""Builders of test events and small waiting helpers shared by the tests.
+
+The event builders live in `services.contract.samples` (the benchmarks use them too).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from services.ledger import repository as repo
+from services.contract.samples import binary, cloud_event, recharge, structured, token_issued, usage
 from services.ledger.audit import verify
 from services.ledger.replay import replay
+from services.store import event_store
 
-
-def cloud_event(
-    type_: str,
-    subject: str,
-    data: dict[str, Any],
-    *,
-    event_id: str | None = None,
-    time: str | None = "2026-11-24T12:00:00Z",
-    source: str = "tests",
-) -> dict[str, Any]:
-    """A structured-mode CloudEvent as a JSON object."""
-    event: dict[str, Any] = {
-        "specversion": "1.0",
-        "id": event_id or str(uuid.uuid4()),
-        "source": source,
-        "type": type_,
-        "subject": subject,
-        "datacontenttype": "application/json",
-        "data": data,
-    }
-    if time is not None:
-        event["time"] = time
-    return event
-
-
-def recharge(account: str, amount: int, **kwargs: Any) -> dict[str, Any]:
-    return cloud_event("quota.account.recharged", account, {"amount": amount}, **kwargs)
-
-
-def usage(account: str, amount: int, **kwargs: Any) -> dict[str, Any]:
-    return cloud_event("quota.account.usage_recorded", account, {"amount": amount}, **kwargs)
-
-
-def token_issued(account: str, token_id: str, key: str, **data: Any) -> dict[str, Any]:
-    payload = {
-        "token_id": token_id,
-        "key_sha256": hashlib.sha256(key.encode()).hexdigest(),
-        "key_last6": key[-6:],
-        **data,
-    }
-    return cloud_event("quota.token.issued", account, payload)
-
-
-def structured(event: dict[str, Any]) -> bytes:
-    return json.dumps(event).encode()
-
-
-def binary(event: dict[str, Any]) -> tuple[list[tuple[str, bytes]], bytes]:
-    """CloudEvents Kafka binary mode: attributes in `ce_` headers, data as the value."""
-    headers = [
-        (f"ce_{name}", str(value).encode())
-        for name, value in event.items()
-        if name not in ("data", "datacontenttype")
-    ]
-    headers.append(("content-type", event.get("datacontenttype", "application/json").encode()))
-    return headers, json.dumps(event["data"]).encode()
+__all__ = [
+    "assert_history_clean",
+    "binary",
+    "cloud_event",
+    "produce",
+    "produce_raw",
+    "recharge",
+    "structured",
+    "token_issued",
+    "usage",
+    "wait_for",
+    "wait_for_position",
+    "wait_for_rejected",
+]
 
 
 async def produce(
@@ -126,7 +85,7 @@ async def wait_for_position(pool: asyncpg.Pool, position: int, timeout: float = 
 
     async def reached() -> bool:
         async with pool.acquire() as conn:
-            return (await repo.read_head(conn)).position >= position
+            return (await event_store.read_head(conn)).position >= position
 
     await wait_for(reached, timeout=timeout, what=f"ledger position {position}")
 

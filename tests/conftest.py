@@ -1,4 +1,10 @@
-"""Shared fixtures: a migrated database per test (cloned from a template), a topic per test."""
+"""Shared fixtures: a migrated database per test (cloned from a template), a topic per test
+that uses Kafka.
+
+`db_settings` is for a test that needs only PostgreSQL (a policy, the stores, startup checks):
+nothing starts a broker or asks one anything for it. `settings` is the same plus the broker and
+a topic of the test's own, for a test that runs a ledger or produces events.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,17 @@ import pytest
 
 from services.infra.postgres import run_on_server, with_database
 from services.infra.topics import ensure_topic
-from services.ledger import repository as repo
 from services.migrate import upgrade
 from services.settings import Settings
+from services.store import db
 
 pytest_plugins = ["tests.fixtures.infra", "tests.processes"]
 
 ADMIN_TOKEN = "test-admin-token"
 PARTITIONS = 4
+#: `db_settings`' broker: nothing listens on port 1, so a database-only test that reaches for
+#: Kafka after all is refused instead of finding whatever broker runs here.
+NO_BROKER = "127.0.0.1:1"
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +55,7 @@ async def database_url(postgres_server_url: str, template_database: str) -> Asyn
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await repo.create_pool(database_url, max_size=4)
+    pool = await db.create_pool(database_url, max_size=4)
     yield pool
     await pool.close()
 
@@ -60,11 +69,11 @@ async def topic(kafka_bootstrap: str) -> str:
 
 
 @pytest.fixture
-def settings(database_url: str, kafka_bootstrap: str, topic: str) -> Settings:
+def db_settings(database_url: str) -> Settings:
+    """Settings for a test that needs only PostgreSQL: no broker, no topic (see `NO_BROKER`)."""
     return Settings(
         database_url=database_url,
-        kafka_bootstrap=kafka_bootstrap,
-        topic=topic,
+        kafka_bootstrap=NO_BROKER,
         topic_partitions=PARTITIONS,
         consumer_group=f"ledger-{uuid.uuid4().hex[:8]}",
         admin_token=ADMIN_TOKEN,
@@ -76,3 +85,10 @@ def settings(database_url: str, kafka_bootstrap: str, topic: str) -> Settings:
         kafka_session_timeout_ms=3_000,
         log_json=True,
     )
+
+
+@pytest.fixture
+def settings(db_settings: Settings, kafka_bootstrap: str, topic: str) -> Settings:
+    """`db_settings` with the broker and this test's own topic: for a test that runs a ledger
+    or produces events."""
+    return db_settings.model_copy(update={"kafka_bootstrap": kafka_bootstrap, "topic": topic})

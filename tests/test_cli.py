@@ -28,9 +28,9 @@ def test_ledger_refuses_to_start_without_an_admin_token() -> None:
     assert "QUOTA_ADMIN_TOKEN" in result.stderr + result.stdout
 
 
-def test_policy_refuses_to_start_without_a_service_token(settings: Settings) -> None:
+def test_policy_refuses_to_start_without_a_service_token(db_settings: Settings) -> None:
     """Admin token set, no service token, no opt-out: a non-zero exit naming the variable."""
-    strict = settings.model_copy(update={"allow_anonymous_gateways": False, "service_token": ""})
+    strict = db_settings.model_copy(update={"allow_anonymous_gateways": False, "service_token": ""})
     result = subprocess.run(
         [QUOTA, "policy", "--port", str(free_port())],
         env=quota_env(strict),
@@ -59,7 +59,7 @@ def test_a_policy_without_any_secret_names_only_the_service_token() -> None:
 
 @pytest.mark.timeout(120)
 async def test_policy_starts_without_a_service_token_when_the_operator_opts_out(
-    settings: Settings, quota_processes: QuotaProcesses
+    db_settings: Settings, quota_processes: QuotaProcesses
 ) -> None:
     anonymous = quota_processes.start(
         "policy", "policy", service_token="", allow_anonymous_gateways=True

@@ -37,10 +37,10 @@ from schemathesis import BaseSchema, Case
 
 from services.infra.postgres import run_on_server, with_database
 from services.infra.topics import ensure_topic
-from services.ledger import repository as repo
 from services.ledger.app import create_app as create_ledger
 from services.policy.app import create_app as create_policy
 from services.settings import Settings
+from services.store import db, event_store
 from tests.builders import (
     cloud_event,
     produce_raw,
@@ -286,7 +286,7 @@ async def world(
     fleet = QuotaProcesses(settings, tmp_path_factory.mktemp("fuzz"))
     failed_before = request.session.testsfailed
     try:
-        pool = await repo.create_pool(settings.database_url, max_size=2)
+        pool = await db.create_pool(settings.database_url, max_size=2)
         try:
             ledger, policy, reservations = await _start(fleet, pool, settings)
         finally:
@@ -318,7 +318,7 @@ async def _start(
     await wait_for_position(pool, len(events))
     await wait_for_rejected(pool, len(poison))
     async with pool.acquire() as conn:
-        position = (await repo.read_head(conn)).position
+        position = (await event_store.read_head(conn)).position
     policy = fleet.start("policy", "policy", service_token=SERVICE_TOKEN)
     await fleet.wait_ready(policy, position)
     ask = {"authorization": f"Bearer {KEY}", "model": "gpt-4o", "estimated_cost": 5,

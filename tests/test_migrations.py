@@ -8,8 +8,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from services.ledger.tables import metadata
 from services.settings import sqlalchemy_url
+from services.store.tables import metadata
 
 
 async def test_migrations_match_the_table_models(database_url: str) -> None:

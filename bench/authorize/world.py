@@ -2,42 +2,32 @@
 
 Every account is opened by events through Kafka and the real ledger, so the policy's snapshot
 is built exactly as in production. The filler accounts (each with a recharge and a token) give
-the snapshot a realistic size: lookups hit big dicts, and every snapshot publish (on each
-change and each ledger heartbeat) rebuilds indexes over all of them.
+the snapshot a realistic size. bench.soak uses the catalog, the hot account and the fillers.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
 from typing import Any, Final
 
-from tests.builders import cloud_event, recharge, token_issued
+from services.contract.samples import cloud_event, recharge, token_issued
 
 MODEL: Final = "gpt-4o"
 ROUTE: Final = "/v1/chat/completions"
 CLIENT_IP: Final = "203.0.113.7"
-
+#: The allowed (and soak's hot) account: a balance nothing the benchmarks do can exhaust.
 ALLOWED_ACCOUNT: Final = "acct_bench_allowed"
 ALLOWED_KEY: Final = "sk-bench-allowed-000000000000000000000001"
-POOR_ACCOUNT: Final = "acct_bench_poor"
+#: No recharge: a balance of 0 is denied at check 13 (insufficient_user_quota), the last check
+#: before the rate limit, so this denial runs every other check first.
 POOR_KEY: Final = "sk-bench-poor-0000000000000000000000000002"
-FRESH_ACCOUNT: Final = "acct_bench_fresh"
-
-#: The allowed account's balance: large enough that nothing the bench does can exhaust it.
-ALLOWED_BALANCE: Final = 10**15
-FILLER_BALANCE: Final = 1_000
-
 #: The reservation scenario's accounts: wrk picks one of them round-robin per request, so a
-#: group commit has several accounts to hold on. The warm-up runs on accounts of its own, so
-#: the held reservations of the measured accounts are exactly the measured run's (+ precheck).
+#: group commit has several accounts to hold on. The warm-up holds on accounts of its own.
 HOLD_ACCOUNTS: Final = 8
-#: What each request of the reservation scenario estimates (and so holds).
 HOLD_COST: Final = 100
-#: Each hold account's balance: no hold can be refused for want of quota during any run
-#: (10**15 / 100 = 10**13 holds).
-HOLD_BALANCE: Final = 10**15
+#: 10**13 holds of HOLD_COST each: none is refused for want of quota during any run.
+BIG_BALANCE: Final = 10**15
 
 
 def hold_account(index: int, *, warmup: bool = False) -> str:
@@ -57,73 +47,46 @@ def filler_key(index: int) -> str:
 
 
 def world_events(accounts: int) -> list[dict[str, Any]]:
-    """The events that build the world: catalog, `accounts` fillers, the two bench accounts."""
-    events: list[dict[str, Any]] = [
+    """The events that build the world: catalog, `accounts` fillers, the bench accounts."""
+    channel = {"models": [MODEL], "groups": ["default"]}
+    events = [
         cloud_event("quota.model.registered", "catalog", {"model": MODEL, "kind": "chat"}),
-        cloud_event(
-            "quota.channel.registered",
-            "catalog",
-            {"channel_id": 1, "models": [MODEL], "groups": ["default"]},
-        ),
-        cloud_event(
-            "quota.channel.registered",
-            "catalog",
-            {"channel_id": 2, "models": [MODEL], "groups": ["default"]},
-        ),
-        cloud_event(
-            "quota.route.policy_set", "catalog", {"route": "/v1/admin/*", "min_role": "admin"}
-        ),
-    ]
+        cloud_event("quota.channel.registered", "catalog", {"channel_id": 1, **channel}),
+        cloud_event("quota.channel.registered", "catalog", {"channel_id": 2, **channel}),
+        cloud_event("quota.route.policy_set", "catalog", {"route": "/v1/admin/*",
+                                                          "min_role": "admin"}),
+    ]  # fmt: skip
     for index in range(accounts):
-        account = filler_account(index)
-        events.append(recharge(account, FILLER_BALANCE))
-        events.append(token_issued(account, f"tok-{index:07d}", filler_key(index)))
-    events.append(recharge(ALLOWED_ACCOUNT, ALLOWED_BALANCE))
+        events.append(recharge(filler_account(index), 1_000))
+        events.append(token_issued(filler_account(index), f"tok-{index:07d}", filler_key(index)))
+    events.append(recharge(ALLOWED_ACCOUNT, BIG_BALANCE))
     events.append(token_issued(ALLOWED_ACCOUNT, "tok_bench_allowed", ALLOWED_KEY))
-    # No recharge: a balance of 0 is denied at check 13 (insufficient_user_quota), the last
-    # check before the rate limit, so this denial runs every other check first.
-    events.append(token_issued(POOR_ACCOUNT, "tok_bench_poor", POOR_KEY))
+    events.append(token_issued("acct_bench_poor", "tok_bench_poor", POOR_KEY))
     for warmup in (False, True):
         for index in range(HOLD_ACCOUNTS):
-            account = hold_account(index, warmup=warmup)
-            events.append(recharge(account, HOLD_BALANCE))
-            token = f"tok_bench_hold_{'warm' if warmup else 'run'}_{index:02d}"
-            events.append(token_issued(account, token, hold_key(index, warmup=warmup)))
+            account, key = hold_account(index, warmup=warmup), hold_key(index, warmup=warmup)
+            events.append(recharge(account, BIG_BALANCE))
+            events.append(token_issued(account, f"tok_{account}", key))
     return events
 
 
 def fresh_event() -> dict[str, Any]:
     """One event of the freshness scenario: a recharge of 1 to an account of its own."""
-    return recharge(FRESH_ACCOUNT, 1)
+    return recharge("acct_bench_fresh", 1)
 
 
 def authorize_body(key: str) -> dict[str, Any]:
     """A check-only POST /authorize body as a gateway sends it (no estimated_cost)."""
-    return {
-        "authorization": f"Bearer {key}",
-        "client_ip": CLIENT_IP,
-        "route": ROUTE,
-        "model": MODEL,
-        "request_id": "req-bench-0000000000000001",
-    }
+    return {"authorization": f"Bearer {key}", "client_ip": CLIENT_IP, "route": ROUTE,
+            "model": MODEL, "request_id": "req-bench-0000000000000001"}  # fmt: skip
 
 
-def reserve_body(key: str, cost: int = HOLD_COST) -> dict[str, Any]:
-    """A POST /authorize body that holds `cost`: no request_id, so every request is a new hold."""
+def reserve_body(key: str) -> dict[str, Any]:
+    """A body that holds HOLD_COST: no request_id, so every request is a new hold."""
     body = authorize_body(key)
     del body["request_id"]
-    body["estimated_cost"] = cost
-    return body
+    return body | {"estimated_cost": HOLD_COST}
 
 
 def encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Expectation:
-    """What every response of a scenario must be."""
-
-    status: int
-    #: The `quota_policy_decisions_total` label the policy counts it under; None: not /authorize.
-    reason: str | None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -13,12 +12,12 @@ from typing import Any
 import asyncpg
 
 from bench import report
-from bench.infra import add_infra_arguments, infrastructure
+from bench.infra import add_infra_arguments, infrastructure, say
 from bench.replay.workload import random_events, store_events
-from services.ledger import repository as repo
 from services.ledger.audit import compare_states
 from services.ledger.replay import replay
 from services.settings import asyncpg_dsn
+from services.store import db, projections
 
 TARGET = 200_000
 #: The phases `ReplayReport.phases` names: re-fold (the chain checked alongside), compare with
@@ -26,32 +25,28 @@ TARGET = 200_000
 PHASES = ("refold", "compare", "swap")
 
 
-def _step(message: str) -> None:
-    print(f"[bench.replay] {message}", file=sys.stderr, flush=True)
-
-
 async def _run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     conn = await asyncpg.connect(asyncpg_dsn(url))
-    await repo.init_connection(conn)
+    await db.init_connection(conn)
     try:
         t0 = time.perf_counter()
         async with conn.transaction():
             state, stored = await store_events(conn, random_events(args.events, args.accounts))
         await conn.execute("ANALYZE")
         generate = time.perf_counter() - t0
-        _step(f"stored {stored:,} events in {generate:.1f}s")
+        say("bench.replay", f"stored {stored:,} events in {generate:.1f}s")
         version: str = await conn.fetchval("SHOW server_version")
         check = await replay(conn, check=True, dsn=asyncpg_dsn(url))
-        _step(f"check: {check.seconds:.2f}s ok={check.ok}")
+        say("bench.replay", f"check: {check.seconds:.2f}s ok={check.ok}")
         await conn.execute("UPDATE accounts SET balance = balance + 1 WHERE account_id IN "
                            "(SELECT account_id FROM accounts LIMIT 10)")  # fmt: skip
         rebuild = await replay(conn, check=False, dsn=asyncpg_dsn(url))
-        _step(f"rebuild: {rebuild.seconds:.2f}s repaired {len(rebuild.differences)}")
-        identical = compare_states(state, await repo.load_all(conn)) == []
+        say("bench.replay", f"rebuild: {rebuild.seconds:.2f}s repaired {len(rebuild.differences)}")
+        identical = compare_states(state, await projections.load_all(conn)) == []
         pure = None
         if args.pure:
             pure = await replay(conn, check=True, accelerated=False)
-            _step(f"pure check: {pure.seconds:.2f}s")
+            say("bench.replay", f"pure check: {pure.seconds:.2f}s")
     finally:
         await conn.close()
     return {

@@ -1,8 +1,8 @@
 """A realistic history, stored exactly as ingest would store it (but with COPY, not Kafka).
 
 Events are built as the contract's typed `Event`s (data validated by the pydantic model of its
-type), folded with the real `fold` in chunks (rejected ones are dropped, as ingest would
-quarantine them), and stored with the payload, hashes and `balance_delta` ingest computes.
+type), folded and chained in chunks by the append path ingest uses (rejected ones are dropped,
+as ingest would quarantine them), and stored with the payload, hashes and `balance_delta`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -18,9 +18,10 @@ import asyncpg
 
 from services.contract.cloudevent import canonical_json, event_content
 from services.contract.events import EVENT_TYPES, Event
-from services.ledger import repository as repo
-from services.ledger.chain import chain_hash, payload_hash
-from services.ledger.fold import State, fold
+from services.store import event_store, projections
+from services.store.append import Unique, fold_and_chain
+from services.store.chain import payload_hash
+from services.store.model import State
 
 PARTITIONS: Final = 4
 TOPIC: Final = "quota.events"
@@ -112,45 +113,28 @@ def random_events(count: int, accounts: int, seed: int = 7) -> Iterator[Event]:
 
 
 async def store_events(
-    conn: asyncpg.Connection,
-    events: Iterator[Event],
-    chunk: int = 20_000,
-    on_chunk: Callable[[int], None] | None = None,
+    conn: asyncpg.Connection, events: Iterator[Event], chunk: int = 20_000
 ) -> tuple[State, int]:
-    """Fold and COPY `events` (in the caller's transaction, into a new database) the way ingest
-    stores them, write the projections and the head; return the folded state and the number
-    stored."""
-    head = await repo.lock_head(conn)
+    """Fold, chain and COPY `events` (in the caller's transaction, into a new database) with
+    the append path ingest uses (`fold_and_chain`), write the projections and the head; return
+    the folded state and the number stored."""
+    head = await event_store.lock_head(conn)
     state = State()
-    position, prev = head.position, head.hash
     offsets = [0] * PARTITIONS
     recorded_at = datetime.now(UTC)
     stored = 0
-    while True:
-        batch = [event for _, event in zip(range(chunk), events, strict=False)]
-        if not batch:
-            break
-        result = fold(state, batch, position + 1)
-        state = result.state
-        records: list[repo.EventTuple] = []
-        for applied in result.applied:
-            event = applied.event
+    while batch := [event for _, event in zip(range(chunk), events, strict=False)]:
+        unique = []
+        for event in batch:
             payload = canonical_json(event_content(event))
-            digest = payload_hash(payload)
-            current = chain_hash(prev, applied.position, digest)
             partition = zlib.crc32(event.subject.encode()) % PARTITIONS
-            records.append((
-                applied.position, event.id, event.type, event.source, event.subject,
-                event.time or recorded_at, recorded_at, applied.balance_delta, payload.decode(),
-                digest, prev, current, TOPIC, partition, offsets[partition],
-            ))  # fmt: skip
+            source = (TOPIC, partition, offsets[partition])
             offsets[partition] += 1
-            prev = current
-        await repo.append_events(conn, records)
-        position += len(records)
-        stored += len(records)
-        if on_chunk is not None:
-            on_chunk(len(batch))
-    await repo.copy_projections(conn, state)  # a new database: the tables are empty
-    await repo.write_head(conn, repo.Head(position, prev, head.duplicates))
+            unique.append(Unique(event, payload, payload_hash(payload), source))
+        appended = fold_and_chain(head, unique, state, recorded_at, derive=True)
+        await event_store.append_events(conn, appended.records)
+        state, stored = appended.state, stored + appended.count
+        head = event_store.Head(appended.position, appended.hash, head.duplicates)
+    await projections.copy_projections(conn, state)  # a new database: the tables are empty
+    await event_store.write_head(conn, head)
     return state, stored

@@ -12,35 +12,35 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 
 from bench import report
-from bench.authorize.ledger import percentile
 from bench.authorize.world import world_events
 from bench.infra import Infra, add_infra_arguments, infrastructure, say
 from bench.soak import results
 from bench.soak.load import CONNECTIONS, MIX, Load
-from bench.soak.results import RssSample
+from services.contract.samples import recharge, token_issued
 from services.infra.postgres import with_database
+from services.infra.processes import QuotaProcesses
 from services.settings import Settings, asyncpg_dsn
-from tests.builders import recharge, token_issued
-from tests.processes import QuotaProcesses
 
-BENCH = "bench.soak"
-ADMIN_TOKEN = "soak-admin-token-0123456789"
-SERVICE_TOKEN = "soak-service-token-0123456789"
-SESSION_TIMEOUT_MS = 6_000
-ACCOUNT_BALANCE = 10**12
+ADMIN_TOKEN: Final = "soak-admin-token-0123456789"
+SERVICE_TOKEN: Final = "soak-service-token-0123456789"
+SESSION_TIMEOUT_MS: Final = 6_000
+ACCOUNT_BALANCE: Final = 10**12
+APPLIED_SQL: Final = """
+SELECT count(*), count(DISTINCT event_id) FROM event_store WHERE event_id = ANY($1::text[])
+"""
 
 Fault = tuple[str, float, Callable[[], Awaitable[None]]]
 
 
 def step(message: str) -> None:
-    say(BENCH, message)
+    say("bench.soak", message)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -65,9 +65,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.duration < 30 or args.rate <= 0 or args.accounts < 1:
         parser.error("--duration must be >= 30 s, --rate > 0 and --accounts >= 1")
     return args
-
-
-# --- the deployment ------------------------------------------------------------------------
 
 
 def world(accounts: int) -> list[dict[str, Any]]:
@@ -112,9 +109,9 @@ async def broker_pause(pid: int, seconds: float) -> None:
 
 
 def plan_faults(args: argparse.Namespace, infra: Infra) -> list[Fault]:
+    seconds, pid = args.fault_seconds, infra.broker_pid
     if args.no_faults:
         return []
-    seconds, pid = args.fault_seconds, infra.broker_pid
     plan: list[Fault] = [(f"database outage {seconds:g} s", args.db_outage_at * args.duration,
                           lambda: database_outage(infra.database_url, seconds))]  # fmt: skip
     if pid is None:
@@ -131,9 +128,9 @@ async def run_faults(load: Load, plan: Sequence[Fault]) -> list[dict[str, Any]]:
     for name, at, cause in plan:
         await asyncio.sleep(max(0.0, at - load.now()))
         step(f"fault: {name} at {load.now():.1f} s")
-        fault = {"name": name, "start_s": load.now()}
+        start = load.now()
         await cause()
-        done.append(fault | {"end_s": load.now()})
+        done.append({"name": name, "start_s": start, "end_s": load.now()})
     return done
 
 
@@ -148,7 +145,9 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-async def sample_rss(load: Load, pids: dict[str, int], every: float, out: list[RssSample]) -> None:
+async def sample_rss(
+    load: Load, pids: dict[str, int], every: float, out: list[results.RssSample]
+) -> None:
     while True:
         for name, pid in pids.items():
             kib = rss_kib(pid)
@@ -160,43 +159,22 @@ async def sample_rss(load: Load, pids: dict[str, int], every: float, out: list[R
 # --- the run -----------------------------------------------------------------------------------
 
 
-APPLIED_SQL = """
-SELECT count(*), count(DISTINCT event_id) FROM event_store WHERE event_id = ANY($1::text[])
-"""
-
-
-async def events_outcome(database_url: str, load: Load, timeout: float) -> dict[str, Any]:
+async def events_outcome(conn: asyncpg.Connection, load: Load, timeout: float) -> dict[str, Any]:
     """Wait (bounded) until every produced event is in event_store; then produced against
-    applied (rows and distinct ids), the unconfirmed ones, the quarantine, the server version."""
+    applied (rows and distinct ids), the unconfirmed ones, the quarantine."""
     started = time.monotonic()
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    try:
-        while (row := await conn.fetchrow(APPLIED_SQL, load.produced))[1] < len(load.produced):
-            if time.monotonic() - started > timeout:
-                break
-            await asyncio.sleep(1.0)
-        unconfirmed = await conn.fetchrow(APPLIED_SQL, load.unconfirmed)
-        rejected = await conn.fetchval("SELECT count(*) FROM rejected_events")
-        version = await conn.fetchval("SHOW server_version")
-    finally:
-        await conn.close()
+    while (row := await conn.fetchrow(APPLIED_SQL, load.produced))[1] < len(load.produced):
+        if time.monotonic() - started > timeout:
+            break
+        await asyncio.sleep(1.0)
+    unconfirmed = await conn.fetchrow(APPLIED_SQL, load.unconfirmed)
     return {
         "produced": len(load.produced), "applied": row[1],
         "lost": len(load.produced) - row[1], "doubled": row[0] - row[1],
         "unconfirmed": len(load.unconfirmed), "unconfirmed_applied": unconfirmed[1],
-        "drain_s": time.monotonic() - started, "rejected": rejected, "postgresql": version,
+        "drain_s": time.monotonic() - started,
+        "rejected": await conn.fetchval("SELECT count(*) FROM rejected_events"),
     }  # fmt: skip
-
-
-def settings(infra: Infra) -> Settings:
-    """What configures the three processes (through QUOTA_* variables, as in production)."""
-    suffix = uuid.uuid4().hex[:10]
-    return Settings(
-        database_url=infra.database_url, kafka_bootstrap=infra.bootstrap,
-        topic=f"bench.soak.{suffix}", consumer_group=f"bench-soak-{suffix}",
-        admin_token=ADMIN_TOKEN, service_token=SERVICE_TOKEN,
-        kafka_session_timeout_ms=SESSION_TIMEOUT_MS,
-    )  # fmt: skip
 
 
 async def soak(args: argparse.Namespace, infra: Infra, workdir: Path) -> dict[str, Any]:
@@ -204,40 +182,46 @@ async def soak(args: argparse.Namespace, infra: Infra, workdir: Path) -> dict[st
     interval = 60.0 if args.duration >= 300 else max(10.0, args.duration / 6)
     limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
     json_type = {"content-type": "application/json"}
-    admin = {"authorization": f"Bearer {ADMIN_TOKEN}", **json_type}
-    gateway = {"x-quota-service-token": SERVICE_TOKEN, **json_type}
+    suffix = uuid.uuid4().hex[:10]
+    settings = Settings(
+        database_url=infra.database_url, kafka_bootstrap=infra.bootstrap,
+        topic=f"bench.soak.{suffix}", consumer_group=f"bench-soak-{suffix}",
+        admin_token=ADMIN_TOKEN, service_token=SERVICE_TOKEN,
+        kafka_session_timeout_ms=SESSION_TIMEOUT_MS,
+    )  # fmt: skip
+    logs = (workdir / "soak").resolve()
+    logs.mkdir(parents=True, exist_ok=True)
+    for old in logs.glob("*.log"):  # the processes append; keep one run per log
+        old.unlink()
     async with contextlib.AsyncExitStack() as stack:
-        logs = (workdir / "soak").resolve()
-        logs.mkdir(parents=True, exist_ok=True)
-        for old in logs.glob("*.log"):  # QuotaProcesses appends; keep one run per log
-            old.unlink()
-        fleet = QuotaProcesses(settings(infra), logs)
+        fleet = QuotaProcesses(settings, logs)
         stack.callback(fleet.close)
         ledger = fleet.start("ledger", "ledger")
         await fleet.wait_ready(ledger)
-        ledger_client = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=ledger.url, headers=admin, timeout=30, limits=limits)
-        )
+        ledger_client = await stack.enter_async_context(httpx.AsyncClient(
+            base_url=ledger.url, timeout=30, limits=limits,
+            headers={"authorization": f"Bearer {ADMIN_TOKEN}", **json_type},
+        ))  # fmt: skip
         events = world(args.accounts)
         step(f"world: {len(events):,} events through POST /events")
         for first in range(0, len(events), 5_000):
             chunk = events[first : first + 5_000]
             (await ledger_client.post("/events", json=chunk)).raise_for_status()
         await fleet.wait_ready(ledger, len(events))
-        policies = [fleet.start("policy", name) for name in ("policy-a", "policy-b")]
         clients = []
-        for policy in policies:
+        for name in ("policy-a", "policy-b"):
+            policy = fleet.start("policy", name)
             await fleet.wait_ready(policy, len(events))
-            client = httpx.AsyncClient(
-                base_url=policy.url, headers=gateway, timeout=10, limits=limits
-            )
-            clients.append(await stack.enter_async_context(client))
+            clients.append(await stack.enter_async_context(httpx.AsyncClient(
+                base_url=policy.url, timeout=10, limits=limits,
+                headers={"x-quota-service-token": SERVICE_TOKEN, **json_type},
+            )))  # fmt: skip
         pids = {p.name: p.process.pid for p in fleet.processes} | {"driver": os.getpid()}
         if infra.broker_pid:
             pids["tansu"] = infra.broker_pid
         step(f"load: {args.rate:g} req/s for {args.duration:g} s")
         load = Load(clients, ledger_client, args.accounts, args.hot_share)
-        samples: list[RssSample] = []
+        samples: list[results.RssSample] = []
         sampler = asyncio.create_task(sample_rss(load, pids, args.sample_seconds, samples))
         faults = asyncio.create_task(run_faults(load, plan_faults(args, infra)))
         cpu = os.times()
@@ -250,17 +234,22 @@ async def soak(args: argparse.Namespace, infra: Infra, workdir: Path) -> dict[st
             faults.cancel()
         cpu_cores = (sum(os.times()[:2]) - sum(cpu[:2])) / load.now()
         step(f"load over: {load.sent:,} sent; waiting for the ledger to apply what was produced")
-        events_result = await events_outcome(infra.database_url, load, args.drain_timeout)
-        pg_version = events_result.pop("postgresql")
+        conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
+        try:
+            events_result = await events_outcome(conn, load, args.drain_timeout)
+            version = await conn.fetchval("SHOW server_version")
+        finally:
+            await conn.close()
         step("/audit/verify")
         try:
             verify = (await ledger_client.get("/audit/verify", timeout=300)).json()
         except (httpx.HTTPError, ValueError) as exc:
             verify = {"ok": None, "error": repr(exc)}
         exit_codes = {p.name: p.process.poll() for p in fleet.processes}
+    lags = [r[3] for r in load.records if r[1] == "lag"] or [0.0]
     result: dict[str, Any] = {
-        "benchmark": BENCH, "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": report.machine(pg_version, infra.postgres_kind, infra.broker),
+        "benchmark": "bench.soak", "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": report.machine(version, infra.postgres_kind, infra.broker),
         "settings": {
             "duration_s": args.duration, "rate": args.rate, "mix": MIX,
             "accounts": args.accounts, "hot_share": args.hot_share, "warmup_s": warmup,
@@ -268,11 +257,8 @@ async def soak(args: argparse.Namespace, infra: Infra, workdir: Path) -> dict[st
             "session_timeout_ms": SESSION_TIMEOUT_MS, "sample_seconds": args.sample_seconds,
         },
         "faults": fault_log,
-        "load": {
-            "sent": load.sent, "dropped": load.dropped, "unfinished": unfinished,
-            "lag_p99_ms": percentile([r[3] for r in load.records if r[1] == "lag"] or [0.0], 99),
-            "cpu_cores": cpu_cores,
-        },
+        "load": {"sent": load.sent, "dropped": load.dropped, "unfinished": unfinished,
+                 "lag_p99_ms": report.percentile(lags, 99), "cpu_cores": cpu_cores},
         "intervals": results.intervals(load.records, interval, args.duration),
         "timeline_5s": results.intervals(load.records, results.BUCKET, args.duration),
         "rss": results.rss(samples, interval, args.duration, warmup),
@@ -288,11 +274,11 @@ async def soak(args: argparse.Namespace, infra: Infra, workdir: Path) -> dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir: Path = args.workdir
-    output: Path = args.output or workdir / "soak.json"
+    output: Path = args.output or args.workdir / "soak.json"
     started = time.perf_counter()
-    with infrastructure(workdir, args.database_url, args.kafka_bootstrap, bench=BENCH) as infra:
-        result = asyncio.run(soak(args, infra, workdir))
+    bench = "bench.soak"
+    with infrastructure(args.workdir, args.database_url, args.kafka_bootstrap, bench=bench) as it:
+        result = asyncio.run(soak(args, it, args.workdir))
     print(results.render(result))
     report.write_json(output, result)
     print(f"\nwrote {output} ({time.perf_counter() - started:.0f}s in all)")

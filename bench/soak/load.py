@@ -18,16 +18,8 @@ from typing import Any, Final
 
 import httpx
 
-from bench.authorize.world import (
-    ALLOWED_ACCOUNT,
-    ALLOWED_KEY,
-    CLIENT_IP,
-    MODEL,
-    ROUTE,
-    filler_account,
-    filler_key,
-)
-from tests.builders import cloud_event
+from bench.authorize import world
+from services.contract.samples import cloud_event
 
 #: The operations and their default shares of the total rate (in percent).
 MIX: Final = {"check": 45, "hold": 25, "settle": 15, "release": 10, "recharge": 5}
@@ -93,7 +85,7 @@ class Load:
     @staticmethod
     def account_keys(accounts: int) -> list[tuple[str, str]]:
         """The (account, key) pairs the load spreads over, besides the hot account."""
-        return [(filler_account(i), filler_key(i)) for i in range(accounts)]
+        return [(world.filler_account(i), world.filler_key(i)) for i in range(accounts)]
 
     def now(self) -> float:
         return self.loop.time() - self.start
@@ -103,7 +95,7 @@ class Load:
 
     def _account(self) -> tuple[str, str]:
         if self.rng.random() < self.hot_share:
-            return ALLOWED_ACCOUNT, ALLOWED_KEY
+            return world.ALLOWED_ACCOUNT, world.ALLOWED_KEY
         return self.keys[self.rng.randrange(len(self.keys))]
 
     def _policy(self) -> httpx.AsyncClient:
@@ -149,15 +141,15 @@ class Load:
             else:
                 _, reservation_id, account = self.open.popleft()
                 amount = self.rng.randint(HOLD_COST // 2, HOLD_COST * 3 // 2)
-                data = {"amount": amount, "model": MODEL, "reservation_id": reservation_id}
+                data = {"amount": amount, "model": world.MODEL, "reservation_id": reservation_id}
                 await self._publish(due, kind, "quota.account.usage_recorded", account, data)
                 return
         account, key = self._account()
         if kind == "recharge":
             await self._publish(due, kind, "quota.account.recharged", account, {"amount": RECHARGE})
             return
-        body: dict[str, Any] = {"authorization": f"Bearer {key}", "client_ip": CLIENT_IP,
-                                "route": ROUTE, "model": MODEL}  # fmt: skip
+        body = world.authorize_body(key)
+        del body["request_id"]
         if kind == "hold":
             body |= {"estimated_cost": HOLD_COST, "request_id": f"soak-{uuid.uuid4().hex}"}
         response = await self._post(due, kind, self._policy(), "/authorize", body)

@@ -9,8 +9,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any, Final
 
-from bench.authorize.ledger import percentile
-from bench.report import grid, ms, table
+from bench.report import grid, ms, percentile, table
 from bench.soak.load import DECISIONS, Record
 
 SERVICES: Final = ("ledger", "policy-a", "policy-b")

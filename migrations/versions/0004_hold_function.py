@@ -13,7 +13,7 @@ ledger batch takes), then for each hold in order:
 * otherwise the hold is refused (`insufficient`) unless the account exists and its available
   quota (balance - held) is positive and covers the amount: the same rule as the Python fold's
   `_hold`, which verify and replay re-run over the stored history;
-* otherwise the next position is chained (the same hash as `services.ledger.chain`), the
+* otherwise the next position is chained (the same hash as `services.store.chain`), the
   `quota.reservation.held` event is appended with the payload and content hash the caller
   computed, the account's `held` and the reservation row are written (`held`).
 

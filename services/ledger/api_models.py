@@ -18,10 +18,6 @@ from services.openapi_docs import inline_schema
 Responses = dict[int | str, dict[str, Any]]
 
 
-class Health(BaseModel):
-    status: str
-
-
 class ErrorDetail(BaseModel):
     """Every refusal of the read routes (and the admin check, and a NUL in a path or query)."""
 

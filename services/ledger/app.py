@@ -15,15 +15,13 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import JSONResponse, Response
 
 from services.contract.cloudevent import Rejection, decode_http_object, encode_structured
 from services.contract.events import INT64_MAX, Event
 from services.infra.topics import ensure_topic, kafka_metadata
-from services.ledger import audit_api, ui
+from services.ledger import audit_api, offset_store, ui
 from services.ledger import metrics as ledger_metrics
-from services.ledger import repository as repo
 from services.ledger.api_models import (
     ADMIN_RESPONSES,
     NOT_FOUND,
@@ -31,7 +29,6 @@ from services.ledger.api_models import (
     BrokerUnavailable,
     EventErrors,
     EventsAccepted,
-    Health,
     RejectedPage,
     VerifyReport,
     admin_read,
@@ -40,8 +37,11 @@ from services.ledger.api_models import (
 from services.ledger.audit import verify
 from services.ledger.consumer import CommittedBatch, LedgerConsumer
 from services.ledger.deps import Admin, Ledger, LedgerDep
+from services.ops import add_ops_routes
 from services.reject_nul import RejectNul
 from services.settings import Settings, asyncpg_dsn
+from services.store import db, event_store, projections
+from services.store.notify import Notification
 from services.supervise import (
     DATABASE_ERRORS,
     LoopHealth,
@@ -83,7 +83,7 @@ def create_app(
         await wait_until_up(describe_database(dsn), lambda: probe_database(dsn), timeout)
         await wait_until_up(f"Kafka at {bootstrap}", lambda: kafka_metadata(bootstrap), timeout)
         async with contextlib.AsyncExitStack() as stack:
-            pool = await repo.create_pool(dsn)
+            pool = await db.create_pool(dsn)
             stack.push_async_callback(pool.close)
             await ensure_topic(bootstrap, settings.topic, settings.topic_partitions)
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
@@ -151,16 +151,10 @@ async def heartbeat(pool: asyncpg.Pool, interval: float, consumer: LedgerConsume
         if consumer is None or consumer.health.ok:
             try:
                 async with pool.acquire() as conn:
-                    head = await repo.read_head(conn)
+                    head = await event_store.read_head(conn)
                     age = consumer.health.seconds_since_ok() if consumer is not None else 0.0
-                    await repo.notify_changes(
-                        conn,
-                        {
-                            "position": head.position,
-                            "heartbeat": True,
-                            "cycle_age": round(age, 3),
-                        },
-                    )
+                    beat = Notification(head.position, heartbeat=True, cycle_age=round(age, 3))
+                    await db.notify_changes(conn, beat)
                 health.succeeded()
             except DATABASE_ERRORS as exc:
                 await asyncio.sleep(min(health.failed("heartbeat", exc), interval))
@@ -168,39 +162,27 @@ async def heartbeat(pool: asyncpg.Pool, interval: float, consumer: LedgerConsume
         await asyncio.sleep(interval)
 
 
+async def _readiness(request: Request) -> Readiness:
+    """Ready while the database answers and the consumer commits; else the reason."""
+    ledger: Ledger = request.app.state.ledger
+    consumer = ledger.consumer
+    position = consumer.position if consumer is not None else 0
+    reason: str | None = None
+    try:
+        async with ledger.pool.acquire() as conn:
+            position = (await event_store.read_head(conn)).position
+    except DATABASE_ERRORS as exc:
+        reason = f"database: {type(exc).__name__}: {exc}"
+    if reason is None and consumer is not None:
+        if not consumer.started.is_set():
+            reason = "consumer starting"
+        elif consumer.health.reason is not None:
+            reason = f"consumer: {consumer.health.reason}"
+    return Readiness(ready=reason is None, position=position, reason=reason)
+
+
 def _routes(app: FastAPI) -> None:
-    @app.get("/healthz", tags=["ops"], response_model=None, responses={200: {"model": Health}})
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get(
-        "/readyz",
-        tags=["ops"],
-        response_model=Readiness,
-        responses={503: {"model": Readiness, "description": "Not ready, and why"}},
-    )
-    async def readyz(ledger: LedgerDep) -> JSONResponse:
-        """200 while the database answers and the consumer commits; 503 with the reason."""
-        consumer = ledger.consumer
-        position = consumer.position if consumer is not None else 0
-        reason: str | None = None
-        try:
-            async with ledger.pool.acquire() as conn:
-                position = (await repo.read_head(conn)).position
-        except DATABASE_ERRORS as exc:
-            reason = f"database: {type(exc).__name__}: {exc}"
-        if reason is None and consumer is not None:
-            if not consumer.started.is_set():
-                reason = "consumer starting"
-            elif consumer.health.reason is not None:
-                reason = f"consumer: {consumer.health.reason}"
-        body = Readiness(ready=reason is None, position=position, reason=reason)
-        status = 200 if reason is None else 503
-        return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
-
-    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    add_ops_routes(app, _readiness, "Not ready, and why")
 
     @app.get(
         "/accounts/{account_id}",
@@ -211,7 +193,7 @@ def _routes(app: FastAPI) -> None:
     )
     async def get_account(account_id: str, ledger: LedgerDep) -> dict[str, Any]:
         async with ledger.pool.acquire() as conn:
-            account = await repo.get_account(conn, account_id)
+            account = await projections.get_account(conn, account_id)
         if account is None:
             raise HTTPException(status_code=404, detail=f"unknown account {account_id}")
         return {
@@ -240,7 +222,7 @@ def _routes(app: FastAPI) -> None:
         ] = 0,
     ) -> dict[str, Any]:
         async with ledger.pool.acquire() as conn:
-            rows = await repo.list_rejected(conn, limit, after)
+            rows = await offset_store.list_rejected(conn, limit, after)
         items = [_rejected_item(row) for row in rows]
         return {"items": items, "next": rows[-1]["id"] if len(rows) == limit else None}
 

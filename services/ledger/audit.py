@@ -21,9 +21,10 @@ import asyncpg
 
 from services.contract.cloudevent import Rejection, decode_http_object
 from services.contract.events import Event
-from services.ledger import repository as repo
-from services.ledger.chain import GENESIS_HASH, chain_hash, payload_hash
-from services.ledger.fold import State, fold
+from services.store import db, event_store, projections
+from services.store.chain import ChainWalk
+from services.store.fold import fold
+from services.store.model import State
 
 #: Rows read (and folded) per page of the event store.
 PAGE_SIZE: Final = 5000
@@ -87,39 +88,20 @@ class _Walk:
 
     state: State = field(default_factory=State)
     differences: list[dict[str, Any]] = field(default_factory=list)
-    last_position: int = 0
-    last_hash: str = GENESIS_HASH
-    checked: int = 0
+    chain: ChainWalk = field(default_factory=ChainWalk)
 
     def add(self, what: str, row: str, expected: Any, found: Any) -> None:
         self.differences.append(_difference(what, row, expected, found))
-
-
-_EVENT_QUERY: Final = """
-    SELECT position, event_id, type, source, subject, time, balance_delta, payload,
-           content_hash, prev_hash, hash
-    FROM event_store WHERE position > $1 ORDER BY position LIMIT $2
-"""
 
 
 def _check_row(walk: _Walk, row: Mapping[str, Any]) -> _Pending | None:
     """Check one stored row's chain links and columns; return its decoded event, if any."""
     position: int = row["position"]
     where = f"position {position}"
-    if position != walk.last_position + 1:
-        walk.add("event_store.position", where, walk.last_position + 1, position)
-    if row["prev_hash"] != walk.last_hash:
-        walk.add("event_store.prev_hash", where, walk.last_hash, row["prev_hash"])
     payload: str = row["payload"]
-    digest = payload_hash(payload.encode())
-    if row["content_hash"] != digest:
-        walk.add("event_store.content_hash", where, digest, row["content_hash"])
-    expected_hash = chain_hash(walk.last_hash, position, digest)
-    if row["hash"] != expected_hash:
-        walk.add("event_store.hash", where, expected_hash, row["hash"])
-    walk.last_position = position
-    walk.last_hash = row["hash"]
-    walk.checked += 1
+    broken = walk.chain.step(position, payload, row["content_hash"], row["prev_hash"], row["hash"])
+    for column, expected, found in broken:
+        walk.add(f"event_store.{column}", where, expected, found)
     try:
         event = decode_payload(payload)
     except (Rejection, ValueError) as exc:
@@ -228,7 +210,7 @@ async def refold_history(
     """
     walk = _Walk()
     while True:
-        rows = await conn.fetch(_EVENT_QUERY, walk.last_position, page_size)
+        rows = await event_store.events_after(conn, walk.chain.last_position, page_size)
         if not rows:
             break
         pending = [p for p in (_check_row(walk, row) for row in rows) if p is not None]
@@ -240,19 +222,19 @@ async def refold_history(
 
 async def verify(conn: asyncpg.Connection, page_size: int = PAGE_SIZE) -> VerifyReport:
     """Check the hash chain and re-fold the whole history against the projections."""
-    await repo.init_connection(conn)  # jsonb as Python values, whoever opened `conn`
+    await db.init_connection(conn)  # jsonb as Python values, whoever opened `conn`
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         walk = await refold_history(conn, page_size)
-        stored = await repo.load_all(conn)
-        head = await repo.read_head(conn)
+        stored = await projections.load_all(conn)
+        head = await event_store.read_head(conn)
     walk.differences.extend(compare_states(walk.state, stored))
-    if head.position != walk.last_position:
-        walk.add("ledger_head.position", "ledger_head", walk.last_position, head.position)
-    if head.hash != walk.last_hash:
-        walk.add("ledger_head.hash", "ledger_head", walk.last_hash, head.hash)
+    if head.position != walk.chain.last_position:
+        walk.add("ledger_head.position", "ledger_head", walk.chain.last_position, head.position)
+    if head.hash != walk.chain.last_hash:
+        walk.add("ledger_head.hash", "ledger_head", walk.chain.last_hash, head.hash)
     return VerifyReport(
         ok=not walk.differences,
-        events_checked=walk.checked,
-        head_hash=walk.last_hash,
+        events_checked=walk.chain.checked,
+        head_hash=walk.chain.last_hash,
         differences=walk.differences,
     )

@@ -26,14 +26,16 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
-from services.ledger import ingest, metrics
-from services.ledger import repository as repo
+from services.ledger import ingest, metrics, offset_store
 from services.settings import Settings
+from services.store import event_store
 from services.supervise import DATABASE_ERRORS, TRANSIENT_ERRORS, LoopHealth
 
 log = structlog.get_logger("quota.ledger.consumer")
 
 DECODE_CHUNK = 500
+#: Commits in a row failing with an unexpected exception before the process gives up.
+UNKNOWN_FAILURE_LIMIT = 20
 
 
 @dataclass(slots=True)
@@ -95,6 +97,8 @@ class LedgerConsumer:
         self._unclaimed: set[TopicPartition] = set()
         #: The backoff delay a failed commit asked for, waited before the resync.
         self._retry_delay = 0.0
+        #: Commits in a row that failed with an exception of no known kind.
+        self._unknown_failures = 0
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
@@ -136,7 +140,7 @@ class LedgerConsumer:
         while True:
             try:
                 async with self.pool.acquire() as conn:
-                    self.position = max(self.position, (await repo.read_head(conn)).position)
+                    self.position = max(self.position, (await event_store.read_head(conn)).position)
                 break
             except DATABASE_ERRORS as exc:
                 await asyncio.sleep(self.health.failed("read head", exc))
@@ -280,11 +284,15 @@ class LedgerConsumer:
             if not decoded:
                 return True
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    result = await ingest.apply_batch(
-                        conn, decoded, offsets, self.settings.consumer_group
-                    )
-            except repo.OffsetFenced as exc:
+                async with self.pool.acquire() as conn:
+                    async with conn.transaction():
+                        result = await ingest.apply_batch(
+                            conn, decoded, offsets, self.settings.consumer_group
+                        )
+                    # Committed: heard now, before the connection's reset on release.
+                    seconds = time.perf_counter() - prepared.started
+                    self._committed(CommittedBatch(result.position, len(decoded), result, seconds))
+            except offset_store.OffsetFenced as exc:
                 log.warning("offset commit fenced; dropping stale partitions", error=str(exc))
                 self._resync_needed = True
                 return False
@@ -295,39 +303,53 @@ class LedgerConsumer:
                 self._retry_delay = self.health.failed("commit batch", exc)
                 self._resync_needed = True
                 return False
+            except Exception as exc:
+                # Of no known kind, yet rolled back all the same: retried like the others,
+                # with its traceback logged; past UNKNOWN_FAILURE_LIMIT in a row it is a fault
+                # this process cannot survive (the lifespan exits it, non-zero).
+                self._unknown_failures += 1
+                log.exception(
+                    "batch failed with an unexpected error", attempt=self._unknown_failures
+                )
+                if self._unknown_failures >= UNKNOWN_FAILURE_LIMIT:
+                    raise
+                metrics.BATCH_FAILURES.inc()
+                self._retry_delay = self.health.failed("commit batch", exc)
+                self._resync_needed = True
+                return False
+            self._unknown_failures = 0
             for (topic, partition), (next_offset, _) in offsets.items():
                 self.owned[TopicPartition(topic, partition)].next_offset = next_offset
             self.position = result.position
             self.last_commit = time.monotonic()
-            seconds = time.perf_counter() - prepared.started
             metrics.record_batch(result, len(decoded), seconds)
-            if self.on_commit is not None:
-                self.on_commit(CommittedBatch(result.position, len(decoded), result, seconds))
             if not self._unclaimed:
                 self.health.succeeded()
             return True
+
+    def _committed(self, batch: CommittedBatch) -> None:
+        """Tell `on_commit`; its failure is logged, never taken for the batch's."""
+        if self.on_commit is None:
+            return
+        try:
+            self.on_commit(batch)
+        except Exception:
+            log.exception("on_commit failed")
 
     async def _resync(
         self, consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]
     ) -> None:
         """Re-read ownership and offsets from the database and seek to them."""
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                """
-                SELECT topic, partition, next_offset, epoch, owner FROM consumer_offsets
-                WHERE group_id = $1
-                """,
-                self.settings.consumer_group,
-            )
-        current = {TopicPartition(r["topic"], r["partition"]): r for r in rows}
+            stored = await offset_store.group_offsets(conn, self.settings.consumer_group)
         for tp in list(partitions):
-            row = current.get(tp)
+            row = stored.get((tp.topic, tp.partition))
             owned = self.owned.get(tp)
-            if row is None or owned is None or row["epoch"] != owned.epoch:
+            if row is None or owned is None or row.epoch != owned.epoch:
                 self.owned.pop(tp, None)
                 continue
-            owned.next_offset = max(row["next_offset"], 0)
-            await _seek(consumer, tp, row["next_offset"])
+            owned.next_offset = max(row.next_offset, 0)
+            await _seek(consumer, tp, row.next_offset)
 
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         consumer = self._consumer
@@ -352,7 +374,7 @@ class LedgerConsumer:
                 by_topic.setdefault(tp.topic, []).append(tp.partition)
         async with self.pool.acquire() as conn:
             for topic, numbers in by_topic.items():
-                claims = await repo.claim_partitions(
+                claims = await offset_store.claim_partitions(
                     conn, self.settings.consumer_group, topic, numbers, self.owner
                 )
                 for partition, claim in claims.items():

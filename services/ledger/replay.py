@@ -15,7 +15,7 @@ Sources
       ids whose content differs are named as `kafka.*` differences.
 
 Folding the store fast (the default)
-    Money events (`MONEY_DELTAS`: a balance change and nothing else) are folded in SQL: balance
+    Money events (`fold.MONEY_EVENTS`: a balance change and nothing else) are folded in SQL: balance
     = SUM(balance_delta) and last position = MAX(position) per subject (verify holds each
     stored `balance_delta` to its hashed payload). Every other event (status/role/group,
     tokens, rate limits, catalog, and any type added later) goes through the pure `apply_event`
@@ -41,11 +41,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
-import re
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import datetime
 from typing import Any, Final
@@ -54,36 +51,24 @@ import asyncpg
 
 from services.contract.cloudevent import Rejection
 from services.contract.events import EVENT_TYPES, INT64_MAX, Event
-from services.ledger import audit, ingest
-from services.ledger import repository as repo
-from services.ledger.chain import GENESIS_HASH, chain_hash, payload_hash
-from services.ledger.fold import Account, Changes, FoldError, State, apply_event, fold
+from services.ledger import audit, history_store, ingest
+from services.store import db, event_store, projections
+from services.store.chain import ChainWalk
+from services.store.fold import MONEY_EVENTS, FoldError, apply_event, fold
+from services.store.model import Account, Changes, State
+from services.store.notify import Notification
 
 #: Every projection table replay rebuilds (and swaps in): those `repository.projection_rows`
 #: writes. A new projection table: its columns and rows there.
-PROJECTION_TABLES: Final[tuple[str, ...]] = tuple(repo.PROJECTION_COLUMNS)
-
-_AMOUNT: Final = "(p #>> '{data,amount}')::numeric"
-
-#: Event types whose only effect is on their subject's balance -> the SQL of that change, over
-#: `p`, the stored payload as jsonb. Must agree with `fold.balance_delta` (tests check it).
-MONEY_DELTAS: Final[dict[str, str]] = {
-    "quota.account.recharged": _AMOUNT,
-    "quota.account.refunded": _AMOUNT,
-    "quota.account.usage_recorded": f"-{_AMOUNT}",
-    "quota.account.adjusted": "(p #>> '{data,delta}')::numeric",
-}
+PROJECTION_TABLES: Final[tuple[str, ...]] = tuple(projections.PROJECTION_COLUMNS)
 
 #: Non-money rows decoded per fetch; also the progress bar's step.
 PAGE_SIZE: Final = 10_000
 
-#: Show a progress bar from this many events on (when stderr is a terminal).
-PROGRESS_THRESHOLD: Final = 50_000
-
 Progress = Callable[[int], None]
 
 
-def _no_progress(_: int) -> None:
+def no_progress(_: int) -> None:
     return None
 
 
@@ -134,30 +119,11 @@ class ReplayReport:
 
 # --- the chain, in SQL --------------------------------------------------------------------------
 
-_CHAIN_QUERY: Final = """
-    WITH c AS (
-        SELECT position, prev_hash, hash, content_hash,
-               lag(hash, 1, $1::text) OVER w AS want_prev,
-               lag(position, 1, 0::bigint) OVER w AS prev_position,
-               encode(sha256(convert_to(payload, 'UTF8')), 'hex') AS digest
-        FROM event_store WHERE position <= $2
-        WINDOW w AS (ORDER BY position)
-    ), d AS (
-        SELECT *, encode(sha256(convert_to(want_prev || ':' || position || ':' || digest,
-                                           'UTF8')), 'hex') AS want_hash
-        FROM c
-    )
-    SELECT * FROM d
-    WHERE position <> prev_position + 1 OR prev_hash <> want_prev OR content_hash <> digest
-       OR hash <> want_hash
-    ORDER BY position
-"""
-
 
 async def check_chain(conn: asyncpg.Connection, upto: int) -> list[dict[str, Any]]:
     """Differences in the hash chain up to `upto`, named as verify names them."""
     out: list[dict[str, Any]] = []
-    for row in await conn.fetch(_CHAIN_QUERY, GENESIS_HASH, upto):
+    for row in await history_store.chain_breaks(conn, upto):
         where = f"position {row['position']}"
         if row["position"] != row["prev_position"] + 1:
             out.append(_diff("event_store.position", where, row["prev_position"] + 1,
@@ -179,35 +145,6 @@ def _diff(what: str, row: str, expected: Any, found: Any) -> dict[str, Any]:
 # --- the store, fast ----------------------------------------------------------------------------
 
 
-def _money_query() -> str:
-    # The stored `balance_delta` column, written with the payload at ingest, is summed as it
-    # is: parsing 10^6 payloads as jsonb would cost more than the rest of the replay. The
-    # chain check above covers the payloads; verify holds every `balance_delta` to its payload.
-    return """
-        SELECT subject, sum(balance_delta) AS balance, max(position) AS position,
-               count(*) AS events,
-               array_agg(position ORDER BY position) FILTER (
-                   WHERE balance_delta IS NULL) AS bad
-        FROM event_store
-        WHERE position <= $1 AND type = ANY($2::text[]) AND subject <> ALL($3::text[])
-        GROUP BY subject
-    """
-
-
-_OTHER_QUERY: Final = """
-    SELECT position, type, subject, payload FROM event_store
-    WHERE position <= $1 AND (type <> ALL($2::text[]) OR subject = ANY($3::text[]))
-    ORDER BY position
-"""
-
-#: A hold's fold depends on the balance at that point, so accounts that ever held quota are
-#: folded wholly in Python, their money events included.
-_HOLDING_SUBJECTS: Final = """
-    SELECT DISTINCT subject FROM event_store
-    WHERE position <= $1 AND type = 'quota.reservation.held'
-"""
-
-
 def fast_decode(payload: str) -> Event:
     """The event stored as `payload`, without the CloudEvents SDK (it was checked at ingest)."""
     obj = json.loads(payload)
@@ -227,24 +164,19 @@ def fast_decode(payload: str) -> Event:
     )
 
 
-_SNAPSHOT_ID: Final = re.compile(r"[0-9A-Fa-f-]+")
-
-
 async def _chain_in_snapshot(dsn: str, snapshot: str, upto: int) -> list[dict[str, Any]]:
     """`check_chain` on a second connection that sees exactly the caller's snapshot."""
-    other = await repo.connect(dsn)
+    other = await db.connect(dsn)
     try:
         async with other.transaction(isolation="repeatable_read", readonly=True):
-            if not _SNAPSHOT_ID.fullmatch(snapshot):  # it is spliced into the statement
-                raise ValueError(f"unexpected snapshot id {snapshot!r}")
-            await other.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            await history_store.use_snapshot(other, snapshot)
             return await check_chain(other, upto)
     finally:
         await other.close()
 
 
 async def refold_store_fast(
-    conn: asyncpg.Connection, upto: int, progress: Progress = _no_progress, dsn: str = ""
+    conn: asyncpg.Connection, upto: int, progress: Progress = no_progress, dsn: str = ""
 ) -> History:
     """Re-fold the store up to position `upto` (in the caller's snapshot): money in SQL, the
     rest in Python; check the chain in SQL. Given a `dsn`, the chain is checked on a second
@@ -253,14 +185,16 @@ async def refold_store_fast(
     chain: asyncio.Task[list[dict[str, Any]]] | None = None
     differences: list[dict[str, Any]] = []
     if dsn:
-        snapshot: str = await conn.fetchval("SELECT pg_export_snapshot()")
+        snapshot = await history_store.export_snapshot(conn)
         chain = asyncio.create_task(_chain_in_snapshot(dsn, snapshot, upto))
     else:
         differences = await check_chain(conn, upto)
-    money_types = list(MONEY_DELTAS)
-    holding = [row["subject"] for row in await conn.fetch(_HOLDING_SUBJECTS, upto)]
+    # A hold's fold depends on the balance at that point, so accounts that ever held quota are
+    # folded wholly in Python, their money events included.
+    money_types = sorted(MONEY_EVENTS)
+    holding = await history_store.holding_subjects(conn, upto)
     events = 0
-    money = await conn.fetch(_money_query(), upto, money_types, holding)
+    money = await history_store.money_totals(conn, upto, money_types, holding)
     for row in money:
         events += row["events"]
         for position in row["bad"] or ():
@@ -270,7 +204,7 @@ async def refold_store_fast(
     state = State()
     changes = Changes()
     pending = 0
-    async for row in conn.cursor(_OTHER_QUERY, upto, money_types, holding, prefetch=PAGE_SIZE):
+    async for row in history_store.other_events(conn, upto, money_types, holding, PAGE_SIZE):
         events += 1
         pending += 1
         if pending == PAGE_SIZE:
@@ -290,14 +224,10 @@ async def refold_store_fast(
         state.accounts[subject] = replace(
             account, balance=balance, position=max(account.position, row["position"])
         )
-    head_hash: str = (
-        await conn.fetchval("SELECT hash FROM event_store WHERE position = $1", upto)
-        if upto
-        else GENESIS_HASH
-    )
+    head_hash = await history_store.hash_at(conn, upto)
     if chain is not None:
         differences = [*await chain, *differences]
-    return History(state, upto, head_hash or GENESIS_HASH, events, differences)
+    return History(state, upto, head_hash, events, differences)
 
 
 def _apply_stored(
@@ -322,22 +252,23 @@ async def refold_store(
     conn: asyncpg.Connection,
     *,
     accelerated: bool = True,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
     dsn: str = "",
 ) -> History:
     """Re-fold the whole store in the caller's (snapshot) transaction."""
-    head = await repo.read_head(conn)
+    head = await event_store.read_head(conn)
     if accelerated:
         history = await refold_store_fast(conn, head.position, progress, dsn)
     else:
         walk = await audit.refold_history(conn, on_page=progress)
-        history = History(walk.state, walk.last_position, walk.last_hash, walk.checked,
+        chain = walk.chain
+        history = History(walk.state, chain.last_position, chain.last_hash, chain.checked,
                           walk.differences)  # fmt: skip
     _check_head(history, head)
     return history
 
 
-def _check_head(history: History, head: repo.Head) -> None:
+def _check_head(history: History, head: event_store.Head) -> None:
     if head.position != history.position:
         history.differences.append(_diff("ledger_head.position", "ledger_head",
                                          history.position, head.position))  # fmt: skip
@@ -395,23 +326,17 @@ async def read_topic(bootstrap: str, topic: str) -> list[ingest.Incoming]:
 
 
 async def refold_kafka(
-    conn: asyncpg.Connection, bootstrap: str, topic: str, progress: Progress = _no_progress
+    conn: asyncpg.Connection, bootstrap: str, topic: str, progress: Progress = no_progress
 ) -> History:
     """Fold the topic (see the module doc), positions taken from the store by event id; the
     chain is checked too, in the caller's snapshot."""
-    head = await repo.read_head(conn)
+    head = await event_store.read_head(conn)
     records = await read_topic(bootstrap, topic)
     screened = ingest.screen(ingest.decode_all(records), {})
     result = fold(State(), [u.event for u in screened.unique], 1)
     progress(len(records))
     digests = {id(u.event): u.digest for u in screened.unique}
-    stored = {
-        row["event_id"]: (row["position"], row["content_hash"])
-        for row in await conn.fetch(
-            "SELECT event_id, position, content_hash FROM event_store WHERE position <= $1",
-            head.position,
-        )
-    }
+    stored = await history_store.stored_ids(conn, head.position)
     differences = await check_chain(conn, head.position)
     positions: dict[int, int] = {}
     seen: set[str] = set()
@@ -431,13 +356,8 @@ async def refold_kafka(
         differences.append(_diff("kafka.missing", f"position {stored[event_id][0]}",
                                  event_id, None))  # fmt: skip
     state = _renumber(result.state, positions)
-    head_hash: str = (
-        await conn.fetchval("SELECT hash FROM event_store WHERE position = $1", head.position)
-        if head.position
-        else GENESIS_HASH
-    )
-    history = History(state, head.position, head_hash or GENESIS_HASH, len(result.applied),
-                      differences)  # fmt: skip
+    head_hash = await history_store.hash_at(conn, head.position)
+    history = History(state, head.position, head_hash, len(result.applied), differences)
     _check_head(history, head)
     return history
 
@@ -460,24 +380,19 @@ async def _catch_up(conn: asyncpg.Connection, history: History, upto: int) -> li
     """Fold (and chain-check) events appended after the snapshot into `history.state`."""
     changes = Changes()  # `_apply_stored` records them; the swap writes every row anyway
     differences: list[dict[str, Any]] = []
-    last_hash = history.head_hash
-    rows = await conn.fetch(
-        "SELECT position, type, subject, payload, prev_hash, hash FROM event_store"
-        " WHERE position > $1 AND position <= $2 ORDER BY position",
-        history.position,
-        upto,
-    )
+    chain = ChainWalk(history.position, history.head_hash)
+    rows = await history_store.events_between(conn, history.position, upto)
     for row in rows:
-        position: int = row["position"]
-        expected = chain_hash(last_hash, position, payload_hash(row["payload"].encode()))
-        if row["prev_hash"] != last_hash or row["hash"] != expected:
-            differences.append(_diff("event_store.hash", f"position {position}", expected,
-                                     row["hash"]))  # fmt: skip
-        last_hash = row["hash"]
+        where = f"position {row['position']}"
+        broken = chain.step(
+            row["position"], row["payload"], row["content_hash"], row["prev_hash"], row["hash"]
+        )
+        for column, expected, found in broken:
+            differences.append(_diff(f"event_store.{column}", where, expected, found))
         _apply_stored(history.state, changes, differences, row)
     history.events += len(rows)
     history.position = upto
-    history.head_hash = last_hash
+    history.head_hash = chain.last_hash
     return differences
 
 
@@ -492,25 +407,25 @@ async def rebuild(
     phases = phases if phases is not None else {}
     started = time.perf_counter()
     async with conn.transaction():
-        head = await repo.lock_head(conn)
+        head = await event_store.lock_head(conn)
         if head.position != history.position:
             history.differences.extend(await _catch_up(conn, history, head.position))
         _check_head_after_lock(history, head)
-        differences = audit.compare_states(history.state, await repo.load_all(conn))
+        differences = audit.compare_states(history.state, await projections.load_all(conn))
         phases["compare"] = time.perf_counter() - started
         if history.differences:
             return differences, False
         started = time.perf_counter()
         # TRUNCATE gives each table new, empty storage; the old storage is dropped at commit
         # (and kept on rollback): fresh tables, swapped in atomically.
-        await conn.execute(f"TRUNCATE {', '.join(PROJECTION_TABLES)}")
-        await repo.copy_projections(conn, history.state)
-        await repo.notify_changes(conn, {"position": head.position, "all": True})
+        await history_store.truncate(conn, PROJECTION_TABLES)
+        await projections.copy_projections(conn, history.state)
+        await db.notify_changes(conn, Notification(head.position, all=True))
     phases["swap"] = time.perf_counter() - started
     return differences, True
 
 
-def _check_head_after_lock(history: History, head: repo.Head) -> None:
+def _check_head_after_lock(history: History, head: event_store.Head) -> None:
     if head.hash != history.head_hash:
         history.differences.append(_diff("ledger_head.hash", "ledger_head",
                                          history.head_hash, head.hash))  # fmt: skip
@@ -527,7 +442,7 @@ async def replay(
     kafka_bootstrap: str = "",
     topic: str = "",
     accelerated: bool = True,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
     dsn: str = "",
 ) -> ReplayReport:
     """Re-fold history and either compare (`check`) or rebuild the projections.
@@ -542,7 +457,7 @@ async def replay(
             history = await refold_store(conn, accelerated=accelerated, progress=progress, dsn=dsn)
         phases["refold"] = time.perf_counter() - started
         if check:
-            differences = audit.compare_states(history.state, await repo.load_all(conn))
+            differences = audit.compare_states(history.state, await projections.load_all(conn))
             phases["compare"] = time.perf_counter() - started - phases["refold"]
     replaced = False
     if not check:
@@ -559,58 +474,3 @@ async def replay(
         seconds=time.perf_counter() - started,
         phases=phases,
     )
-
-
-@contextmanager
-def progress_bar(total: int, enabled: bool) -> Iterator[Progress]:
-    """A rich progress bar on stderr for long runs; a no-op otherwise."""
-    if not enabled or total < PROGRESS_THRESHOLD:
-        yield _no_progress
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    task = bar.add_task("replaying", total=total)
-    with bar:
-        yield lambda n: bar.advance(task, n)
-
-
-def replay_command(check: bool, from_kafka: bool) -> int:
-    """`quota replay [--check] [--from-kafka]`: 0 when no difference, 1 otherwise.
-
-    Prints the report as JSON on stdout (`head_hash` included). A rebuild that repaired
-    differences still exits 1 (it reports what it repaired); the next run exits 0.
-    """
-    from services.settings import Settings, asyncpg_dsn
-
-    settings = Settings()
-
-    async def run() -> ReplayReport:
-        conn = await repo.connect(asyncpg_dsn(settings.database_url))
-        try:
-            total = (await repo.read_head(conn)).position
-            with progress_bar(total, sys.stderr.isatty()) as progress:
-                return await replay(
-                    conn,
-                    check=check,
-                    from_kafka=from_kafka,
-                    kafka_bootstrap=settings.kafka_bootstrap,
-                    topic=settings.topic,
-                    progress=progress,
-                    dsn=asyncpg_dsn(settings.database_url),
-                )
-        finally:
-            await conn.close()
-
-    report = asyncio.run(run())
-    print(json.dumps(report.as_json(), indent=2))
-    print(f"head hash {report.head_hash} at position {report.position}", file=sys.stderr)
-    return 0 if report.ok else 1

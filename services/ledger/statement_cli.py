@@ -12,8 +12,8 @@ import json
 import sys
 
 from services.ledger import statements as st
-from services.ledger.repository import create_pool
 from services.settings import Settings, asyncpg_dsn
+from services.store.db import create_pool
 
 PAGE_SIZE = st.MAX_LIMIT
 

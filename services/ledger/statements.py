@@ -40,7 +40,7 @@ from typing import Any, Final
 import asyncpg
 
 from services.contract.cloudevent import format_time
-from services.contract.events import CATALOG_SUBJECT
+from services.ledger import statement_store
 
 DEFAULT_LIMIT: Final = 500
 MAX_LIMIT: Final = 5000
@@ -157,37 +157,7 @@ class BalanceAsOf:
         }
 
 
-# --- queries --------------------------------------------------------------------------------
-
-
-async def account_exists(conn: asyncpg.Connection, account_id: str) -> bool:
-    """An account is known once it has at least one event; `catalog` is never an account."""
-    if account_id == CATALOG_SUBJECT:
-        return False
-    found: bool = await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM event_store WHERE subject = $1)", account_id
-    )
-    return found
-
-
-async def _first_at_or_after(
-    conn: asyncpg.Connection, account_id: str, moment: datetime
-) -> int | None:
-    position: int | None = await conn.fetchval(
-        "SELECT min(position) FROM event_store WHERE subject = $1 AND time >= $2",
-        account_id,
-        moment,
-    )
-    return position
-
-
-async def _first_after(conn: asyncpg.Connection, account_id: str, moment: datetime) -> int | None:
-    position: int | None = await conn.fetchval(
-        "SELECT min(position) FROM event_store WHERE subject = $1 AND time > $2",
-        account_id,
-        moment,
-    )
-    return position
+# --- reading --------------------------------------------------------------------------------
 
 
 async def _start(conn: asyncpg.Connection, account_id: str, since: Point | None) -> int | None:
@@ -197,7 +167,7 @@ async def _start(conn: asyncpg.Connection, account_id: str, since: Point | None)
     if since.position is not None:
         return since.position
     assert since.time is not None
-    return await _first_at_or_after(conn, account_id, since.time)
+    return await statement_store.first_at_or_after(conn, account_id, since.time)
 
 
 async def _stop(conn: asyncpg.Connection, account_id: str, until: Point | None) -> int | None:
@@ -207,33 +177,7 @@ async def _stop(conn: asyncpg.Connection, account_id: str, until: Point | None) 
     if until.position is not None:
         return until.position
     assert until.time is not None
-    return await _first_at_or_after(conn, account_id, until.time)
-
-
-async def _balance_before(conn: asyncpg.Connection, account_id: str, stop: int | None) -> int:
-    """The account's balance after every event before position `stop` (all of them if None)."""
-    total: int = await conn.fetchval(
-        """
-        SELECT coalesce(sum(balance_delta), 0)::bigint FROM event_store
-        WHERE subject = $1 AND ($2::bigint IS NULL OR position < $2)
-        """,
-        account_id,
-        stop,
-    )
-    return total
-
-
-_PAGE_SQL: Final = """
-SELECT position, time, type, source, event_id,
-       coalesce(balance_delta, 0) AS amount,
-       ($2::bigint + sum(coalesce(balance_delta, 0))
-            OVER (ORDER BY position ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW))::bigint
-           AS balance
-FROM event_store
-WHERE subject = $1 AND position >= $3 AND ($4::bigint IS NULL OR position < $4)
-ORDER BY position
-LIMIT $5
-"""
+    return await statement_store.first_at_or_after(conn, account_id, until.time)
 
 
 async def read_statement(
@@ -253,18 +197,18 @@ async def read_statement(
     if not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        if not await account_exists(conn, account_id):
+        if not await statement_store.account_exists(conn, account_id):
             return None
         start = await _start(conn, account_id, since)
         stop = await _stop(conn, account_id, until)
         if start is None:
             # No event at or after `since`: an empty window at the end of the history.
-            balance = await _balance_before(conn, account_id, None)
+            balance = await statement_store.balance_before(conn, account_id, None)
             return Statement(account_id, balance, balance, [], None)
         if cursor is not None:
             start = max(start, cursor)
-        opening = await _balance_before(conn, account_id, start)
-        rows = await conn.fetch(_PAGE_SQL, account_id, opening, start, stop, limit + 1)
+        opening = await statement_store.balance_before(conn, account_id, start)
+        rows = await statement_store.entries(conn, account_id, opening, start, stop, limit + 1)
     entries = [_entry(row) for row in rows[:limit]]
     following = rows[limit]["position"] if len(rows) > limit else None
     closing = entries[-1].balance if entries else opening
@@ -276,22 +220,15 @@ async def balance_as_of(
 ) -> BalanceAsOf | None:
     """The balance after the account's last event at or before `as_of`; None if unknown."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        if not await account_exists(conn, account_id):
+        if not await statement_store.account_exists(conn, account_id):
             return None
         if as_of.position is not None:
             stop: int | None = as_of.position + 1
         else:
             assert as_of.time is not None
-            stop = await _first_after(conn, account_id, as_of.time)
-        row = await conn.fetchrow(
-            """
-            SELECT max(position) AS position, coalesce(sum(balance_delta), 0)::bigint AS balance
-            FROM event_store WHERE subject = $1 AND ($2::bigint IS NULL OR position < $2)
-            """,
-            account_id,
-            stop,
-        )
-    return BalanceAsOf(account_id, as_of, row["balance"], row["position"])
+            stop = await statement_store.first_after(conn, account_id, as_of.time)
+        balance, position = await statement_store.balance_until(conn, account_id, stop)
+    return BalanceAsOf(account_id, as_of, balance, position)
 
 
 def _entry(row: asyncpg.Record) -> Entry:

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from services.ledger.api_models import BAD_REQUEST, AccountSearch, ErrorDetail, admin_read
 from services.ledger.deps import Admin, LedgerDep
+from services.store import projections
 
 router = APIRouter()
 
@@ -89,19 +90,9 @@ async def search_accounts(
 ) -> dict[str, Any]:
     """Accounts whose id starts with `prefix`, ordered by id."""
     async with ledger.pool.acquire() as conn:
-        rows = await conn.fetch(
-            """
-            SELECT account_id, balance, status FROM accounts
-            WHERE starts_with(account_id, $1)
-            ORDER BY account_id
-            LIMIT $2
-            """,
-            prefix,
-            limit,
-        )
+        found = await projections.accounts_starting_with(conn, prefix, limit)
     return {
         "items": [
-            {"account_id": row["account_id"], "balance": row["balance"], "status": row["status"]}
-            for row in rows
+            {"account_id": a.account_id, "balance": a.balance, "status": a.status} for a in found
         ]
     }

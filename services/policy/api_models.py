@@ -14,10 +14,6 @@ from pydantic import BaseModel, Field
 Responses = dict[int | str, dict[str, Any]]
 
 
-class Health(BaseModel):
-    status: str
-
-
 class ReservationRef(BaseModel):
     id: str
     amount: int

@@ -44,359 +44,98 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import MappingProxyType
-from typing import Annotated, Any, Final
+from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
-
-from services.contract.events import INT64_MAX, ROLE_RANK
-from services.ledger.fold import (
+from services.contract.events import INT64_MAX
+from services.policy.errors import (
+    ACCOUNT_SUSPENDED,
+    CHANNEL_DISABLED,
+    CHANNEL_PIN_FORBIDDEN,
+    ERRORS,
+    INSUFFICIENT_PERMISSIONS,
+    INSUFFICIENT_USER_QUOTA,
+    INVALID_CHANNEL_ID,
+    IP_NOT_ALLOWED,
+    MODEL_NOT_ALLOWED,
+    MODEL_UNAVAILABLE,
+    N_NOT_WITHIN_RANGE,
+    PROMPT_MISSING,
+    PROMPT_TOO_LONG,
+    PROVIDER_RATE_LIMITED,
+    RATE_LIMITED,
+    SIZE_NOT_SUPPORTED,
+    TEXT_TOO_LONG,
+    TOKEN_INVALID,
+    TOKEN_MISSING,
+)
+from services.policy.request import (
+    AuthorizeRequest,
+    RequestFields,
+)
+from services.policy.snapshot import (
+    ADMIN_RANK,
+    Address,
+    Network,
+    Snapshot,
+    parse_networks,
+    required_rank,
+    role_rank,
+)
+from services.store.model import (
     ACTIVE,
     Account,
     Channel,
     ModelSpec,
     RateLimit,
-    RoutePolicy,
-    State,
     Token,
 )
 
-# --------------------------------------------------------------------------------------------
-# The request
 
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """The reservation an allowed decision holds (or, for a repeated request id, held)."""
 
-class RequestFields(BaseModel):
-    """The fields of the client's own request body that check 11 needs; all optional."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    prompt: StrictStr | None = None
-    size: StrictStr | None = None
-    n: StrictInt | None = None
-    input: StrictStr | list[StrictStr] | None = None
-
-
-class AuthorizeRequest(BaseModel):
-    """The body of POST /authorize. Types are strict: a wrong type is a validation error."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    authorization: StrictStr | None = None
-    client_ip: StrictStr | None = None
-    route: StrictStr | None = None
-    model: StrictStr | None = None
-    channel_id: StrictStr | StrictInt | None = None
-    request: RequestFields = Field(default_factory=RequestFields)
-    estimated_cost: Annotated[StrictInt, Field(gt=0, le=INT64_MAX)] | None = None
-    #: Stored with the hold, so no U+0000 (PostgreSQL text cannot hold it).
-    request_id: (
-        Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")] | None
-    ) = None
-
-
-# --------------------------------------------------------------------------------------------
-# Errors: the contract's table, in code
-
-TOKEN_MISSING: Final = "token_missing"
-TOKEN_INVALID: Final = "token_invalid"
-IP_NOT_ALLOWED: Final = "ip_not_allowed"
-ACCOUNT_SUSPENDED: Final = "account_suspended"
-INSUFFICIENT_PERMISSIONS: Final = "insufficient_permissions"
-MODEL_NOT_ALLOWED: Final = "model_not_allowed"
-CHANNEL_PIN_FORBIDDEN: Final = "channel_pin_forbidden"
-INVALID_CHANNEL_ID: Final = "invalid_channel_id"
-CHANNEL_DISABLED: Final = "channel_disabled"
-MODEL_UNAVAILABLE: Final = "model_unavailable"
-PROMPT_MISSING: Final = "prompt_missing"
-PROMPT_TOO_LONG: Final = "prompt_too_long"
-SIZE_NOT_SUPPORTED: Final = "size_not_supported"
-N_NOT_WITHIN_RANGE: Final = "n_not_within_range"
-TEXT_TOO_LONG: Final = "text_too_long"
-PROVIDER_RATE_LIMITED: Final = "provider_rate_limited"
-INSUFFICIENT_USER_QUOTA: Final = "insufficient_user_quota"
-RATE_LIMITED: Final = "rate_limited"
-
-AUTHENTICATION_ERROR: Final = "authentication_error"
-PERMISSION_ERROR: Final = "permission_error"
-INSUFFICIENT_QUOTA: Final = "insufficient_quota"
-INVALID_REQUEST_ERROR: Final = "invalid_request_error"
-RATE_LIMIT_ERROR: Final = "rate_limit_error"
-SERVICE_UNAVAILABLE: Final = "service_unavailable"
-
-#: Placeholders in message templates: the key's last six characters, and the model's name.
-KEY_PLACEHOLDER: Final = "{key}"
-MODEL_PLACEHOLDER: Final = "{model}"
+    id: str
+    amount: int
+    expires_at: str
+    state: str
 
 
 @dataclass(frozen=True, slots=True)
-class ErrorSpec:
-    status: int
-    code: str | None
-    type: str
+class Grant:
+    """What an allowed decision tells the gateway."""
+
+    account_id: str
+    token_id: str
+    role: str
+    group: str
+    balance: int
+    available: int
+    channels: tuple[int, ...]
+    reservation: Hold | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why a decision is denied: the error table's row (or the service's own refusal)."""
+
+    reason: str
     message: str
-
-    def render(self, key_last6: str = "", model: str = "") -> str:
-        return self.message.replace(KEY_PLACEHOLDER, key_last6).replace(MODEL_PLACEHOLDER, model)
-
-
-# The messages are the error table's, exactly; the dashes are en dashes (U+2013).
-ERRORS: Final[Mapping[str, ErrorSpec]] = MappingProxyType(
-    {
-        TOKEN_MISSING: ErrorSpec(
-            401,
-            None,
-            AUTHENTICATION_ERROR,
-            "Unauthorized – no access token supplied; please log in and include a valid token.",
-        ),
-        TOKEN_INVALID: ErrorSpec(
-            401, None, AUTHENTICATION_ERROR, "Unauthorized – access token is invalid or expired."
-        ),
-        IP_NOT_ALLOWED: ErrorSpec(
-            403,
-            None,
-            PERMISSION_ERROR,
-            "Forbidden – key({key}) allowed only from approved IP ranges.",
-        ),
-        ACCOUNT_SUSPENDED: ErrorSpec(403, None, PERMISSION_ERROR, "Account suspended."),
-        INSUFFICIENT_PERMISSIONS: ErrorSpec(
-            403, None, PERMISSION_ERROR, "Forbidden – insufficient permissions."
-        ),
-        MODEL_NOT_ALLOWED: ErrorSpec(
-            403,
-            None,
-            PERMISSION_ERROR,
-            "Forbidden – key({key}) not authorized to access the requested model.",
-        ),
-        CHANNEL_PIN_FORBIDDEN: ErrorSpec(403, None, PERMISSION_ERROR, "Key error;({key})"),
-        INVALID_CHANNEL_ID: ErrorSpec(
-            400, None, INVALID_REQUEST_ERROR, "Bad Request – invalid channel ID."
-        ),
-        CHANNEL_DISABLED: ErrorSpec(
-            403, None, PERMISSION_ERROR, "Forbidden – channel has been disabled."
-        ),
-        MODEL_UNAVAILABLE: ErrorSpec(
-            503,
-            None,
-            SERVICE_UNAVAILABLE,
-            "Incorrect model ID. Please request to view the model page or you do not have "
-            "permission to use this model",
-        ),
-        PROMPT_MISSING: ErrorSpec(400, PROMPT_MISSING, INVALID_REQUEST_ERROR, "prompt is required"),
-        PROMPT_TOO_LONG: ErrorSpec(
-            400, PROMPT_TOO_LONG, INVALID_REQUEST_ERROR, "prompt is too long"
-        ),
-        SIZE_NOT_SUPPORTED: ErrorSpec(
-            400, SIZE_NOT_SUPPORTED, INVALID_REQUEST_ERROR, "size not supported"
-        ),
-        N_NOT_WITHIN_RANGE: ErrorSpec(
-            400, N_NOT_WITHIN_RANGE, INVALID_REQUEST_ERROR, "invalid value of n"
-        ),
-        TEXT_TOO_LONG: ErrorSpec(400, TEXT_TOO_LONG, INVALID_REQUEST_ERROR, "input is too long"),
-        PROVIDER_RATE_LIMITED: ErrorSpec(
-            503,
-            None,
-            SERVICE_UNAVAILABLE,
-            "Rate limited by provider – contact support to request higher concurrency or "
-            "try again later.",
-        ),
-        INSUFFICIENT_USER_QUOTA: ErrorSpec(
-            403,
-            INSUFFICIENT_USER_QUOTA,
-            INSUFFICIENT_QUOTA,
-            "Your account balance is insufficient. Please recharge your account to continue "
-            "using the API.",
-        ),
-        RATE_LIMITED: ErrorSpec(
-            429,
-            None,
-            RATE_LIMIT_ERROR,
-            "The {model} model Too many requests; please try again later.",
-        ),
-    }
-)
-
-
-# --------------------------------------------------------------------------------------------
-# The snapshot
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-ADMIN_RANK: Final = ROLE_RANK["admin"]
-_STRICTEST_RANK: Final = max(ROLE_RANK.values())
-
-
-def role_rank(role: str) -> int:
-    """An account's rank; an unknown role ranks lowest."""
-    return ROLE_RANK.get(role, 0)
-
-
-def required_rank(min_role: str) -> int:
-    """A policy's required rank; an unknown role requires the highest (fail closed)."""
-    return ROLE_RANK.get(min_role, _STRICTEST_RANK)
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class RouteTable:
-    """Route policies indexed for the longest match: exact paths, and prefixes by length."""
-
-    exact: Mapping[str, RoutePolicy]
-    prefixes: Mapping[str, RoutePolicy]
-    #: The distinct lengths of the prefixes, longest first: a lookup probes only these.
-    prefix_lengths: tuple[int, ...]
-    #: The highest rank any policy requires (applies when the request names no route).
-    strictest: RoutePolicy | None
-
-    @classmethod
-    def build(cls, policies: Iterable[RoutePolicy]) -> RouteTable:
-        exact: dict[str, RoutePolicy] = {}
-        prefixes: dict[str, RoutePolicy] = {}
-        strictest: RoutePolicy | None = None
-        for policy in policies:
-            if policy.route.endswith("*"):
-                prefixes[policy.route[:-1]] = policy
-            else:
-                exact[policy.route] = policy
-            if strictest is None or required_rank(policy.min_role) > required_rank(
-                strictest.min_role
-            ):
-                strictest = policy
-        lengths = tuple(sorted({len(prefix) for prefix in prefixes}, reverse=True))
-        return cls(MappingProxyType(exact), MappingProxyType(prefixes), lengths, strictest)
-
-    def match(self, route: str | None) -> RoutePolicy | None:
-        """The policy that governs `route`: exact first, then the longest prefix."""
-        if route is None:
-            return self.strictest
-        path = route.split("?", 1)[0].split("#", 1)[0]
-        policy = self.exact.get(path)
-        if policy is not None:
-            return policy
-        for length in self.prefix_lengths:
-            if length <= len(path):
-                policy = self.prefixes.get(path[:length])
-                if policy is not None:
-                    return policy
-        return None
-
-
-def parse_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
-    """The networks of a token's `allowed_cidrs`; unparsable entries admit no one."""
-    networks: list[Network] = []
-    for cidr in cidrs:
-        try:
-            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
-        except ValueError:
-            continue
-    return tuple(networks)
-
-
-def _freeze(mapping: dict[Any, Any]) -> Mapping[Any, Any]:
-    return MappingProxyType(mapping)
-
-
-def _token_indexes(state: State) -> dict[str, Any]:
-    tokens = {token.key_sha256.lower(): token for token in state.tokens.values()}
-    networks = {
-        token.token_id: parse_networks(token.allowed_cidrs)
-        for token in state.tokens.values()
-        if token.allowed_cidrs
-    }
-    return {"tokens": _freeze(tokens), "networks": _freeze(networks)}
-
-
-def _catalog_indexes(state: State) -> dict[str, Any]:
-    serving: dict[tuple[str, str], list[int]] = {}
-    for channel in state.channels.values():
-        if not channel.enabled:
-            continue
-        for group in set(channel.groups):
-            for model in set(channel.models):
-                serving.setdefault((group, model), []).append(channel.channel_id)
-    return {
-        "channels": _freeze(dict(state.channels)),
-        "models": _freeze(dict(state.models)),
-        "routes": RouteTable.build(state.routes.values()),
-        "serving": _freeze({key: tuple(sorted(ids)) for key, ids in serving.items()}),
-    }
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Snapshot:
-    """A read-only view of the projections at one ledger position, indexed for `decide`.
-
-    `accounts` is a live view of the store's accounts (the hot, often-changing part): the
-    store updates them and moves to the new snapshot without awaiting in between, so a
-    decision, which never awaits, sees one position. The other indexes are rebuilt copies."""
-
-    position: int
-    accounts: Mapping[str, Account]
-    #: key_sha256 (lowercase hex) -> token, revoked ones included.
-    tokens: Mapping[str, Token]
-    channels: Mapping[int, Channel]
-    models: Mapping[str, ModelSpec]
-    routes: RouteTable
-    rate_limits: Mapping[tuple[str, str], RateLimit]
-    #: (group, model) -> ids of the enabled channels serving that model to that group, sorted.
-    serving: Mapping[tuple[str, str], tuple[int, ...]]
-    #: token_id -> the parsed networks of its `allowed_cidrs`.
-    networks: Mapping[str, tuple[Network, ...]] = field(default_factory=lambda: _freeze({}))
-
-    @classmethod
-    def from_state(cls, state: State, position: int) -> Snapshot:
-        return cls(
-            position=position,
-            # A live read-only view: the store moves accounts and position together, between
-            # two decisions, and copying every account per change costs O(accounts).
-            accounts=_freeze(state.accounts),
-            **_token_indexes(state),
-            **_catalog_indexes(state),
-            rate_limits=_freeze(dict(state.rate_limits)),
-        )
-
-    def updated(
-        self,
-        state: State,
-        position: int,
-        *,
-        accounts: bool = False,
-        tokens: bool = False,
-        catalog: bool = False,
-        rate_limits: bool = False,
-    ) -> Snapshot:
-        """This snapshot moved to `position`, re-indexing only the parts that changed."""
-        parts: dict[str, Any] = {"position": position}
-        if accounts:
-            parts["accounts"] = _freeze(state.accounts)
-        if tokens:
-            parts.update(_token_indexes(state))
-        if catalog:
-            parts.update(_catalog_indexes(state))
-        if rate_limits:
-            parts["rate_limits"] = _freeze(dict(state.rate_limits))
-        return replace(self, **parts)
-
-    def rate_limit_for(self, account_id: str, model: str) -> RateLimit | None:
-        """The account's limit for the model, else its `*` limit."""
-        limit = self.rate_limits.get((account_id, model))
-        if limit is None:
-            limit = self.rate_limits.get((account_id, "*"))
-        return limit if limit is not None and limit.requests > 0 else None
-
-
-# --------------------------------------------------------------------------------------------
-# The decision
+    type: str
+    code: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """A decision, typed; `body` renders it in CONTRACT section 3's shape (once, at the edge)."""
+
     status: int
-    allowed: bool
-    reason: str | None
-    body: dict[str, Any]
+    position: int
+    grant: Grant | None = None
+    denial: Denial | None = None
     retry_after: int | None = None
     #: The (account_id, model) counter of check 14 and the limit to apply to it; None when the
     #: account has no limit for the model or the decision stopped before check 14.
@@ -404,8 +143,62 @@ class Decision:
     rate_limit: RateLimit | None = None
 
     @property
+    def allowed(self) -> bool:
+        return self.grant is not None
+
+    @property
+    def reason(self) -> str | None:
+        return self.denial.reason if self.denial is not None else None
+
+    @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """`{"allowed": true, "account_id", ..., "reservation", "position"}` or
+        `{"allowed": false, "error": {"message", "type", "code", "reason"}, "position"}`."""
+        grant, denial = self.grant, self.denial
+        if grant is not None:
+            hold = grant.reservation
+            return {
+                "allowed": True,
+                "account_id": grant.account_id,
+                "token_id": grant.token_id,
+                "role": grant.role,
+                "group": grant.group,
+                "balance": grant.balance,
+                "available": grant.available,
+                "channels": list(grant.channels),
+                "reservation": None
+                if hold is None
+                else {
+                    "id": hold.id,
+                    "amount": hold.amount,
+                    "expires_at": hold.expires_at,
+                    "state": hold.state,
+                },
+                "position": self.position,
+            }
+        assert denial is not None
+        return {
+            "allowed": False,
+            "error": {
+                "message": denial.message,
+                "type": denial.type,
+                "code": denial.code,
+                "reason": denial.reason,
+            },
+            "position": self.position,
+        }
+
+
+def refusal(
+    status: int, reason: str, message: str, type_: str, position: int, retry_after: int | None
+) -> Decision:
+    """A denial of the service's own (not the error table's): stale snapshot, wrong service
+    token, invalid request, a hold that cannot be written."""
+    return Decision(status, position, None, Denial(reason, message, type_, reason), retry_after)
 
 
 def deny(
@@ -419,17 +212,8 @@ def deny(
     rate_limit: RateLimit | None = None,
 ) -> Decision:
     spec = ERRORS[reason]
-    body = {
-        "allowed": False,
-        "error": {
-            "message": spec.render(key_last6, model),
-            "type": spec.type,
-            "code": spec.code,
-            "reason": reason,
-        },
-        "position": position,
-    }
-    return Decision(spec.status, False, reason, body, retry_after, rate_limit_key, rate_limit)
+    denial = Denial(reason, spec.render(key_last6, model), spec.type, spec.code)
+    return Decision(spec.status, position, None, denial, retry_after, rate_limit_key, rate_limit)
 
 
 def rate_limited(decision: Decision, retry_after: int) -> Decision:
@@ -439,7 +223,7 @@ def rate_limited(decision: Decision, retry_after: int) -> Decision:
         raise ValueError("only a decision that names a rate limit can be rate limited")
     return deny(
         RATE_LIMITED,
-        decision.body["position"],
+        decision.position,
         model=decision.rate_limit_key[1],
         retry_after=max(retry_after, 1),
         rate_limit_key=decision.rate_limit_key,
@@ -662,16 +446,13 @@ def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Deci
     limit = snapshot.rate_limit_for(account.account_id, model)
     counter = (account.account_id, model) if limit is not None else None
 
-    body: dict[str, Any] = {
-        "allowed": True,
-        "account_id": account.account_id,
-        "token_id": token.token_id,
-        "role": account.role,
-        "group": account.group,
-        "balance": account.balance,
-        "available": available,
-        "channels": sorted(c.channel_id for c in free),
-        "reservation": None,
-        "position": position,
-    }
-    return Decision(200, True, None, body, None, counter, limit)
+    grant = Grant(
+        account.account_id,
+        token.token_id,
+        account.role,
+        account.group,
+        account.balance,
+        available,
+        tuple(sorted(c.channel_id for c in free)),
+    )
+    return Decision(200, position, grant, None, None, counter, limit)

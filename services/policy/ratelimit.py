@@ -45,7 +45,7 @@ from typing import Final, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.ledger.fold import RateLimit
+from services.store.model import RateLimit
 from services.supervise import LoopHealth
 
 DEFAULT_PREFIX: Final = "quota:rl:"

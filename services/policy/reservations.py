@@ -32,10 +32,10 @@ from prometheus_client import Histogram
 from services.contract import events as ev
 from services.contract.cloudevent import canonical_json, event_content
 from services.contract.events import Event
-from services.ledger import repository as repo
-from services.ledger.chain import payload_hash
-from services.ledger.fold import HELD, Reservation
-from services.ledger.ingest import append_local
+from services.store import event_store, reservation_store
+from services.store.append import append_local
+from services.store.chain import payload_hash
+from services.store.model import HELD, Reservation
 from services.supervise import DATABASE_ERRORS, LoopHealth
 
 log = structlog.get_logger("quota.policy.reservations")
@@ -208,7 +208,8 @@ class Reservations:
 
     async def _commit(self, batch: list[_HoldRequest]) -> list[HoldOutcome]:
         """The whole batch in one statement, one round trip, committed on its own (see
-        `repo.hold`), on a connection kept for group commits (no pool acquire or reset)."""
+        `reservation_store.hold`), on a connection kept for group commits (no pool acquire or
+        reset)."""
         now = datetime.now(UTC)
         expires_at = now + self.ttl
         holds = []
@@ -226,14 +227,14 @@ class Reservations:
             event = _event("quota.reservation.held", request.account_id, event_id, data, now)
             payload = canonical_json(event_content(event))
             holds.append(
-                repo.NewHold(
+                reservation_store.NewHold(
                     request.account_id, request.request_id, request.amount, reservation_id,
                     expires_at, event_id, now, payload.decode(), payload_hash(payload),
                 )
             )  # fmt: skip
         conn = await self._connection()
         try:
-            rows = await repo.hold(conn, holds, SOURCE, datetime.now(UTC), now)
+            rows = await reservation_store.hold(conn, holds, SOURCE, datetime.now(UTC), now)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.pool.release(conn)
@@ -257,7 +258,7 @@ class Reservations:
 
     async def get(self, reservation_id: str) -> Reservation | None:
         async with self.pool.acquire() as conn:
-            return await repo.get_reservation(conn, reservation_id)
+            return await reservation_store.get_reservation(conn, reservation_id)
 
     async def release(self, reservation_id: str, actor: str) -> Reservation | None:
         """End a held reservation; an ended one is returned as it is (None: unknown)."""
@@ -265,8 +266,8 @@ class Reservations:
 
     async def _end(self, reservation_id: str, type_: str, actor: str) -> Reservation | None:
         async with self.pool.acquire() as conn, conn.transaction():
-            head = await repo.lock_head(conn)
-            reservation = await repo.get_reservation(conn, reservation_id)
+            head = await event_store.lock_head(conn)
+            reservation = await reservation_store.get_reservation(conn, reservation_id)
             if reservation is None or reservation.state != HELD:
                 return reservation
             verb = type_.rsplit(".", 1)[1]
@@ -284,13 +285,13 @@ class Reservations:
         a time, in one transaction under the head lock (so replicas sweeping at once never
         end a hold twice). Returns how many expired."""
         async with self.pool.acquire() as conn:
-            if not await repo.due_reservations(conn, now, 1):
+            if not await reservation_store.due_reservations(conn, now, 1):
                 return 0  # the usual case: nothing due, no lock taken
             expired = 0
             while True:
                 async with conn.transaction():
-                    head = await repo.lock_head(conn)
-                    due = await repo.due_reservations(conn, now, SWEEP_LIMIT)
+                    head = await event_store.lock_head(conn)
+                    due = await reservation_store.due_reservations(conn, now, SWEEP_LIMIT)
                     if not due:
                         return expired
                     events = [

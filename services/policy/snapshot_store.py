@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import asyncpg
 import structlog
 
-from services.ledger import repository as repo
-from services.ledger.fold import Account, RateLimit, State, Token
-from services.policy.decision import Snapshot
+from services.policy.snapshot import Snapshot
+from services.store import db, event_store, projections
+from services.store.model import Account, RateLimit, State, Token
+from services.store.notify import Notification
 from services.supervise import DATABASE_ERRORS, LoopHealth
 
 log = structlog.get_logger("quota.policy.snapshot")
@@ -45,22 +44,21 @@ class _Pending:
     catalog: bool = False
     position: int = 0
 
-    def merge(self, message: dict[str, Any]) -> None:
+    def merge(self, message: Notification) -> None:
         """Notifications arrive in commit order: a later one's rows replace earlier rows and
         reads of the same account, and a later read replaces earlier rows."""
-        self.position = max(self.position, int(message.get("position", 0)))
-        if message.get("all"):
+        self.position = max(self.position, message.position)
+        if message.all:
             self.all = True
-        for account_id in message.get("accounts", ()):
+        for account_id in message.accounts:
             self.accounts.add(account_id)
             self.account_rows.pop(account_id, None)
-        for row in message.get("account_rows", ()):
-            account = Account(*row)
+        for account in message.account_rows:
             self.account_rows[account.account_id] = account
             self.accounts.discard(account.account_id)
-        self.tokens.update(message.get("tokens", ()))
-        self.rate_limit_accounts.update(key[0] for key in message.get("rate_limits", ()))
-        self.catalog = self.catalog or bool(message.get("catalog"))
+        self.tokens.update(message.tokens)
+        self.rate_limit_accounts.update(key[0] for key in message.rate_limits)
+        self.catalog = self.catalog or message.catalog
 
     def needs_reading(self) -> bool:
         return bool(self.accounts or self.tokens or self.rate_limit_accounts or self.catalog)
@@ -106,10 +104,10 @@ class SnapshotStore:
     def position(self) -> int:
         return self.snapshot.position if self.snapshot is not None else 0
 
-    def _heard(self, cycle_age: object) -> None:
+    def _heard(self, cycle_age: float | None) -> None:
         """The ledger spoke; a heartbeat vouches only for its loop's last cycle."""
-        age = float(cycle_age) if isinstance(cycle_age, int | float) else 0.0
-        self._last_heard = max(self._last_heard, time.monotonic() - max(0.0, age))
+        age = max(0.0, cycle_age or 0.0)
+        self._last_heard = max(self._last_heard, time.monotonic() - age)
 
     def seconds_since_heard(self) -> float:
         """Seconds since the ledger was last heard from (a change or a heartbeat)."""
@@ -131,12 +129,12 @@ class SnapshotStore:
             await self._changed.wait_for(lambda: self.position >= position)
 
     async def _listen_once(self) -> None:
-        conn = await repo.connect(self.dsn)
+        conn = await db.connect(self.dsn)
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
         try:
             self._pending = _Pending()
-            await conn.add_listener(repo.CHANGES_CHANNEL, self._on_notify)
+            await conn.add_listener(db.CHANGES_CHANNEL, self._on_notify)
             # Listen first, then load: nothing committed after the load can be missed.
             await self._reload_all(conn)
             self.health.succeeded()
@@ -156,21 +154,19 @@ class SnapshotStore:
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         try:
-            message = json.loads(payload)
-        except json.JSONDecodeError:
-            log.warning("ignoring a malformed notification", payload=payload[:200])
+            message = Notification.decode(payload)
+        except ValueError as exc:
+            log.warning("ignoring a malformed notification", payload=payload[:200], error=str(exc))
             return
-        if not isinstance(message, dict):
-            return
-        if message.get("heartbeat") or message.get("ledger"):
-            self._heard(message.get("cycle_age"))
+        if message.from_live_ledger:
+            self._heard(message.cycle_age)
         self._pending.merge(message)
         self._wake.set()
 
     async def _reload_all(self, conn: asyncpg.Connection) -> None:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            head = await repo.read_head(conn)
-            state = await repo.load_all(conn)
+            head = await event_store.read_head(conn)
+            state = await projections.load_all(conn)
         self._state = state
         await self._publish(head.position)
         log.info("snapshot loaded", position=head.position, accounts=len(state.accounts))
@@ -231,15 +227,15 @@ class SnapshotStore:
         loaded = _Loaded()
         async with transaction:
             if pending.accounts:
-                loaded.accounts = await repo.load_accounts(conn, sorted(pending.accounts))
+                loaded.accounts = await projections.load_accounts(conn, sorted(pending.accounts))
             if pending.tokens:
-                loaded.tokens = await repo.load_tokens(conn, sorted(pending.tokens))
+                loaded.tokens = await projections.load_tokens(conn, sorted(pending.tokens))
             if pending.rate_limit_accounts:
-                loaded.rate_limits = await repo.load_rate_limits(
+                loaded.rate_limits = await projections.load_rate_limits(
                     conn, sorted(pending.rate_limit_accounts)
                 )
             if pending.catalog:
-                loaded.catalog = await repo.load_catalog(conn)
+                loaded.catalog = await projections.load_catalog(conn)
         return loaded
 
     async def _publish(self, position: int) -> None:

@@ -333,7 +333,7 @@ async def test_a_broker_stopped_past_the_session_timeout_loses_and_doubles_nothi
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("command", ["ledger", "policy"])
 async def test_a_process_waits_for_postgres_then_exits_non_zero(
-    command: str, settings: Settings, quota_processes: QuotaProcesses
+    command: str, db_settings: Settings, quota_processes: QuotaProcesses
 ) -> None:
     nothing = f"postgresql://postgres@127.0.0.1:{free_port()}/quota"
     process = quota_processes.start(
@@ -355,7 +355,7 @@ async def test_a_process_waits_for_postgres_then_exits_non_zero(
 
 @pytest.mark.timeout(60)
 async def test_a_ledger_waits_for_the_broker_then_exits_non_zero(
-    settings: Settings, quota_processes: QuotaProcesses
+    db_settings: Settings, quota_processes: QuotaProcesses
 ) -> None:
     process = quota_processes.start(
         "ledger",

@@ -19,10 +19,10 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from services.ledger import ingest
-from services.ledger import repository as repo
-from services.ledger.chain import GENESIS_HASH, chain_hash
+from services.ledger import ingest, offset_store
 from services.settings import Settings
+from services.store import db, event_store
+from services.store.chain import GENESIS_HASH, chain_hash
 from tests.builders import recharge, structured, usage, wait_for
 from tests.processes import QuotaProcess, QuotaProcesses
 
@@ -135,14 +135,14 @@ async def wait_for_owner(fleet: QuotaProcesses, ledger: QuotaProcess) -> str:
 # --------------------------------------------------------------------------- the invariants
 
 
-async def head(pool: asyncpg.Pool) -> repo.Head:
+async def head(pool: asyncpg.Pool) -> event_store.Head:
     async with pool.acquire() as conn:
-        return await repo.read_head(conn)
+        return await event_store.read_head(conn)
 
 
 async def offsets(pool: asyncpg.Pool, settings: Settings) -> dict[int, int]:
     async with pool.acquire() as conn:
-        return await repo.stored_offsets(conn, settings.consumer_group, settings.topic)
+        return await offset_store.stored_offsets(conn, settings.consumer_group, settings.topic)
 
 
 async def wait_until_applied(
@@ -175,8 +175,8 @@ async def assert_exactly_once(
             r["account_id"]: r["balance"]
             for r in await conn.fetch("SELECT account_id, balance FROM accounts")
         }
-        ledger_head = await repo.read_head(conn)
-        stored = await repo.stored_offsets(conn, settings.consumer_group, settings.topic)
+        ledger_head = await event_store.read_head(conn)
+        stored = await offset_store.stored_offsets(conn, settings.consumer_group, settings.topic)
         rejected = await conn.fetchval("SELECT count(*) FROM rejected_events")
 
     ids = [row["event_id"] for row in rows]
@@ -379,7 +379,7 @@ async def test_a_fenced_ledger_drops_stolen_partitions_and_a_rebalance_recovers_
     stolen = [0, 1]
     kept = [2, 3]
     async with pool.acquire() as conn:
-        claims = await repo.claim_partitions(
+        claims = await offset_store.claim_partitions(
             conn, settings.consumer_group, settings.topic, stolen, "thief"
         )
     stolen_at = {p: claims[p].next_offset or 0 for p in stolen}
@@ -432,7 +432,7 @@ async def test_a_stale_epoch_is_fenced_and_its_batch_leaves_nothing_behind(
     notices: list[dict[str, Any]] = []
     listener = await asyncpg.connect(database_url)
     await listener.add_listener(
-        repo.CHANGES_CHANNEL, lambda *args: notices.append(json.loads(args[3]))
+        db.CHANGES_CHANNEL, lambda *args: notices.append(json.loads(args[3]))
     )
 
     def batch(events: Sequence[dict[str, Any]], first_offset: int) -> list[ingest.Decoded]:
@@ -445,15 +445,15 @@ async def test_a_stale_epoch_is_fenced_and_its_batch_leaves_nothing_behind(
 
     try:
         async with pool.acquire() as conn:
-            stale = (await repo.claim_partitions(conn, group, topic, [0], "owner-a"))[0]
-            current = (await repo.claim_partitions(conn, group, topic, [0], "owner-b"))[0]
+            stale = (await offset_store.claim_partitions(conn, group, topic, [0], "owner-a"))[0]
+            current = (await offset_store.claim_partitions(conn, group, topic, [0], "owner-b"))[0]
             assert stale.next_offset is None and current.next_offset is None
             assert current.epoch > stale.epoch
 
             # Committing offsets alone with the stale epoch is refused...
-            with pytest.raises(repo.OffsetFenced):
+            with pytest.raises(offset_store.OffsetFenced):
                 async with conn.transaction():
-                    await repo.commit_offsets(conn, group, topic, {0: (5, stale.epoch)})
+                    await offset_store.commit_offsets(conn, group, topic, {0: (5, stale.epoch)})
 
             # ...while the current owner applies its batch.
             first = recharge("acct_f", 100, event_id="f-1")
@@ -462,7 +462,7 @@ async def test_a_stale_epoch_is_fenced_and_its_batch_leaves_nothing_behind(
                     conn, batch([first], 0), {(topic, 0): (1, current.epoch)}, group
                 )
             assert result.applied == 1
-            head_after_first = await repo.read_head(conn)
+            head_after_first = await event_store.read_head(conn)
             assert (head_after_first.position, head_after_first.duplicates) == (1, 0)
 
             # The stale owner's batch: new events, a new account, a duplicate, a poison record.
@@ -472,7 +472,7 @@ async def test_a_stale_epoch_is_fenced_and_its_batch_leaves_nothing_behind(
                 *batch([usage("acct_g", 7, event_id="f-3")], 3),
                 *ingest.decode_all([ingest.Incoming(topic, 0, 4, (), b"{not json")]),
             ]
-            with pytest.raises(repo.OffsetFenced):
+            with pytest.raises(offset_store.OffsetFenced):
                 async with conn.transaction():
                     await ingest.apply_batch(
                         conn, stale_batch, {(topic, 0): (5, stale.epoch)}, group
@@ -484,7 +484,7 @@ async def test_a_stale_epoch_is_fenced_and_its_batch_leaves_nothing_behind(
             assert [(r["account_id"], r["balance"], r["position"]) for r in accounts] == [
                 ("acct_f", 100, 1)
             ]
-            assert await repo.read_head(conn) == head_after_first
+            assert await event_store.read_head(conn) == head_after_first
             assert await conn.fetchval("SELECT count(*) FROM rejected_events") == 0
             row = await conn.fetchrow(
                 "SELECT next_offset, epoch, owner FROM consumer_offsets WHERE group_id = $1",

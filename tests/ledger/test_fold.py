@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from services.contract.cloudevent import decode_http_object
 from services.contract.events import Event
-from services.ledger.fold import State, fold
 from services.ledger.ingest import Decoded, Incoming, screen
+from services.store.fold import fold
+from services.store.model import State
 from tests.builders import cloud_event, token_issued
 
 

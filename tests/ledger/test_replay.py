@@ -8,11 +8,12 @@ import asyncpg
 import pytest
 
 from bench.replay.workload import random_events, store_events
-from services.ledger import repository as repo
 from services.ledger.audit import compare_states, verify
-from services.ledger.fold import State, balance_delta, fold
-from services.ledger.replay import MONEY_DELTAS, ReplayReport, refold_store, replay
+from services.ledger.replay import ReplayReport, refold_store, replay
 from services.settings import Settings
+from services.store import event_store, projections
+from services.store.fold import MONEY_EVENTS, balance_delta, fold
+from services.store.model import State
 
 
 async def _replay(pool: asyncpg.Pool, check: bool, **kwargs: object) -> ReplayReport:
@@ -22,13 +23,13 @@ async def _replay(pool: asyncpg.Pool, check: bool, **kwargs: object) -> ReplayRe
 
 async def _projections(pool: asyncpg.Pool) -> State:
     async with pool.acquire() as conn:
-        return await repo.load_all(conn)
+        return await projections.load_all(conn)
 
 
 async def test_check_of_untouched_history_is_clean(pool: asyncpg.Pool, history: int) -> None:
     report = await _replay(pool, check=True)
     async with pool.acquire() as conn:
-        head = await repo.read_head(conn)
+        head = await event_store.read_head(conn)
     assert report.ok, report.as_json()
     assert report.events == history
     assert report.head_hash == head.hash
@@ -90,8 +91,8 @@ def test_money_deltas_cover_the_balance_events() -> None:
 
     events = list(random_events(5_000, 50, seed=3))
     moving = {e.type for e in events if balance_delta(e) is not None}
-    assert moving == set(MONEY_DELTAS)
-    assert set(MONEY_DELTAS) <= set(ACCOUNT_EVENTS)
+    assert moving == set(MONEY_EVENTS)
+    assert set(MONEY_EVENTS) <= set(ACCOUNT_EVENTS)
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -10,10 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.ledger import repository as repo
 from services.ledger.audit import VerifyReport, compare_states, verify
-from services.ledger.fold import Account, State
 from services.settings import Settings
+from services.store import event_store
+from services.store.model import Account, State
 from tests.builders import recharge, wait_for_position
 from tests.conftest import ADMIN_TOKEN
 from tests.ledger.conftest import RECHARGE_ID
@@ -53,7 +53,7 @@ def _named(report: VerifyReport, what: str, row: str) -> dict[str, Any]:
 async def test_clean_history_verifies(pool: asyncpg.Pool, history: int, page_size: int) -> None:
     report = await _verify(pool, page_size)
     async with pool.acquire() as conn:
-        head = await repo.read_head(conn)
+        head = await event_store.read_head(conn)
     assert report.differences == []
     assert report.ok
     assert report.events_checked == history

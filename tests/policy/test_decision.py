@@ -13,26 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from services.ledger.fold import (
-    Account,
-    Channel,
-    ModelSpec,
-    RateLimit,
-    RoutePolicy,
-    State,
-    Token,
-)
-from services.policy.decision import (
-    ERRORS,
-    AuthorizeRequest,
-    Decision,
-    RouteTable,
-    Snapshot,
-    decide,
-    extract_key,
-    parse_pin,
-    rate_limited,
-)
+from services.policy.decision import Decision, decide, extract_key, parse_pin, rate_limited
+from services.policy.errors import ERRORS
+from services.policy.request import AuthorizeRequest
+from services.policy.snapshot import RouteTable, Snapshot
+from services.store.model import Account, Channel, ModelSpec, RateLimit, RoutePolicy, State, Token
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 POSITION = 4242

@@ -33,9 +33,9 @@ async def policy_client(settings: Settings) -> AsyncIterator[tuple[Any, httpx.As
 NO_KEY: dict[str, Any] = {"model": "gpt-4o", "route": "/v1/chat/completions"}
 
 
-async def test_decisions_fail_closed_when_the_ledger_goes_quiet(settings: Settings) -> None:
+async def test_decisions_fail_closed_when_the_ledger_goes_quiet(db_settings: Settings) -> None:
     # No ledger runs here, so no heartbeat arrives after the initial load.
-    quiet = settings.model_copy(update={"max_staleness_seconds": 0.2})
+    quiet = db_settings.model_copy(update={"max_staleness_seconds": 0.2})
     async with policy_client(quiet) as (store, client):
         await wait_for(
             lambda: _stale(store, 0.2), timeout=10, what="the snapshot to pass its bound"
@@ -46,8 +46,8 @@ async def test_decisions_fail_closed_when_the_ledger_goes_quiet(settings: Settin
     assert answer.headers["retry-after"] == "1"
 
 
-async def test_fail_open_decides_from_a_stale_snapshot(settings: Settings) -> None:
-    quiet = settings.model_copy(update={"max_staleness_seconds": 0.2, "fail_open": True})
+async def test_fail_open_decides_from_a_stale_snapshot(db_settings: Settings) -> None:
+    quiet = db_settings.model_copy(update={"max_staleness_seconds": 0.2, "fail_open": True})
     async with policy_client(quiet) as (store, client):
         await wait_for(
             lambda: _stale(store, 0.2), timeout=10, what="the snapshot to pass its bound"
@@ -57,8 +57,8 @@ async def test_fail_open_decides_from_a_stale_snapshot(settings: Settings) -> No
     assert answer.json()["error"]["reason"] == "token_missing"
 
 
-async def test_service_token_and_body_limit(settings: Settings) -> None:
-    guarded = settings.model_copy(update={"service_token": "gateway-secret"})
+async def test_service_token_and_body_limit(db_settings: Settings) -> None:
+    guarded = db_settings.model_copy(update={"service_token": "gateway-secret"})
     async with policy_client(guarded) as (_, client):
         missing = await client.post("/authorize", json=NO_KEY)
         wrong = await client.post(

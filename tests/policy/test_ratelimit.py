@@ -12,7 +12,6 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.ledger.fold import RateLimit
 from services.policy.ratelimit import (
     DEFAULT_PREFIX,
     InProcessRateLimiter,
@@ -21,6 +20,7 @@ from services.policy.ratelimit import (
     build_rate_limiter,
     redis_key,
 )
+from services.store.model import RateLimit
 
 REDIS_URL_ENV = "QUOTA_TEST_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from services.contract.cloudevent import decode_http_object
-from services.ledger.fold import State, fold
-from services.policy.decision import Snapshot
+from services.policy.snapshot import Snapshot
+from services.store.fold import fold
+from services.store.model import State
 from tests.builders import cloud_event, recharge, token_issued
 
 

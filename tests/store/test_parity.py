@@ -1,7 +1,14 @@
-"""The group commit of holds runs in PostgreSQL (`quota_hold()`, migrations 0004-0005): it must
-decide exactly as the Python fold does, chain exactly as the ledger does, and notify the policy
-replicas with the rows it wrote. Checked against a model of the rule on random batches, then by
-verify (the Python re-fold of the stored history) and replay --check."""
+"""Where SQL repeats a rule of the Python store for speed, the two must agree; the checks live
+here together.
+
+* The group commit of holds runs in PostgreSQL (`quota_hold()`, migrations 0004-0005): it must
+  decide exactly as the Python fold does, chain exactly as the ledger does, and notify the
+  policy replicas with the rows it wrote, in the payload `services.store.notify` defines.
+  Checked against a model of the rule on random batches, then by verify (the Python re-fold of
+  the stored history) and replay --check.
+* The hash chain and the content hash written in SQL (the hold function, replay's chain check)
+  are `services.store.chain`'s.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +23,13 @@ import asyncpg
 import pytest
 
 from services.contract.cloudevent import decode_http_object
-from services.ledger import repository as repo
 from services.ledger.audit import verify
-from services.ledger.fold import HELD, RELEASED, Reservation
-from services.ledger.ingest import append_local
 from services.policy.reservations import SWEEP_LIMIT, HoldOutcome, Reservations, _HoldRequest
+from services.store import db, event_store, projections
+from services.store.append import append_local
+from services.store.chain import GENESIS_HASH, chain_hash, payload_hash
+from services.store.model import HELD, RELEASED, Changes, Reservation, State
+from services.store.notify import ACCOUNT_ROW_FIELDS, Notification, notify_payload
 from tests.builders import assert_history_clean, recharge
 
 ACCOUNTS = ("acct_h1", "acct_h2", "acct_h3")
@@ -145,10 +154,8 @@ async def test_random_batches_decide_as_the_fold_and_verify_clean(pool: asyncpg.
 async def test_a_commit_notifies_the_rows_it_wrote(pool: asyncpg.Pool, database_url: str) -> None:
     await fund(pool, {"acct_n": 100})
     heard: list[dict[str, Any]] = []
-    listener = await repo.connect(database_url)
-    await listener.add_listener(
-        repo.CHANGES_CHANNEL, lambda *args: heard.append(json.loads(args[3]))
-    )
+    listener = await db.connect(database_url)
+    await listener.add_listener(db.CHANGES_CHANNEL, lambda *args: heard.append(json.loads(args[3])))
     try:
         reservations = Reservations(pool, ttl_seconds=60)
         first, second, refused = await commit(
@@ -162,7 +169,7 @@ async def test_a_commit_notifies_the_rows_it_wrote(pool: asyncpg.Pool, database_
     finally:
         await listener.close()
     async with pool.acquire() as conn:
-        head = await repo.read_head(conn)
+        head = await event_store.read_head(conn)
         row = await conn.fetchrow("SELECT * FROM accounts WHERE account_id = 'acct_n'")
     assert heard == [
         {
@@ -175,16 +182,46 @@ async def test_a_commit_notifies_the_rows_it_wrote(pool: asyncpg.Pool, database_
             "catalog": False,
         }
     ]  # fmt: skip
+    # The same payload the Python append path would send for that change.
+    async with pool.acquire() as conn:
+        account = await projections.get_account(conn, "acct_n")
+    assert account is not None
+    python = notify_payload(
+        head.position, Changes(accounts={"acct_n"}), State(accounts={"acct_n": account})
+    )
+    assert Notification.decode(json.dumps(heard[0])) == python
+    assert [getattr(account, name) for name in ACCOUNT_ROW_FIELDS] == heard[0]["account_rows"][0]
+
+
+async def test_the_chain_and_content_hashes_are_the_same_in_sql_and_python(
+    pool: asyncpg.Pool,
+) -> None:
+    payloads = ['{"amount":5}', '{"note":"é€ – \\u0000"}', "{}"]
+    cases = [(GENESIS_HASH, 1), ("ab" * 32, 12_345_678_901), ("0f" * 32, 2)]
+    async with pool.acquire() as conn:
+        for payload, (prev, position) in zip(payloads, cases, strict=True):
+            digest = await conn.fetchval(
+                "SELECT encode(sha256(convert_to($1, 'UTF8')), 'hex')", payload
+            )
+            assert digest == payload_hash(payload.encode())
+            chained = await conn.fetchval(
+                "SELECT encode(sha256(convert_to($1 || ':' || $2::bigint || ':' || $3,"
+                " 'UTF8')), 'hex')",
+                prev,
+                position,
+                digest,
+            )
+            assert chained == chain_hash(prev, position, digest)
 
 
 async def test_a_batch_with_nothing_to_hold_writes_and_notifies_nothing(pool: asyncpg.Pool) -> None:
     await fund(pool, {"acct_z": 5})
     async with pool.acquire() as conn:
-        before = await repo.read_head(conn)
+        before = await event_store.read_head(conn)
     (outcome,) = await commit(Reservations(pool, ttl_seconds=60), [("acct_z", 6, None)])
     assert outcome.reservation is None
     async with pool.acquire() as conn:
-        assert await repo.read_head(conn) == before
+        assert await event_store.read_head(conn) == before
         assert await conn.fetchval("SELECT count(*) FROM reservations") == 0
 
 

@@ -1,0 +1,309 @@
+"""The policy service's HTTP edge: the routes, the `POST /authorize` fast path, and the
+forward-auth adapter (nginx `auth_request`, Traefik ForwardAuth, Envoy ext_authz).
+
+Decisions are rendered here, once (`decision_response`); the forward-auth headers come from
+the typed decision, not from the JSON it renders. Non-decision errors (an unknown
+reservation) answer `{"error": "..."}`; `ReservationUnavailable` is mapped to the decision's
+`503 reservation_unavailable` shape in one handler (`register`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import orjson
+import structlog
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from services.contract.cloudevent import format_time
+from services.openapi_docs import inline_schema
+from services.ops import add_ops_routes
+from services.policy.api_models import (
+    DECISION_RESPONSES,
+    FORWARD_PARAMETERS,
+    RESERVATION_REFUSALS,
+    forward_responses,
+)
+from services.policy.api_models import Reservation as ReservationState
+from services.policy.decision import Decision
+from services.policy.request import AuthorizeRequest
+from services.policy.service import (
+    Policy,
+    ReservationUnavailable,
+    invalid_request,
+    request_too_large,
+    reservation_unavailable,
+)
+from services.store.model import Reservation
+from services.supervise import Readiness
+
+log = structlog.get_logger("quota.policy.http")
+
+
+def _policy(request: Request) -> Policy:
+    policy: Policy = request.app.state.policy
+    return policy
+
+
+#: The running policy service, for the routes (built by the lifespan).
+PolicyDep = Annotated[Policy, Depends(_policy)]
+ServiceToken = Annotated[str | None, Header()]
+
+
+class FastJSONResponse(JSONResponse):
+    """JSON rendered by orjson: the decision path is answered thousands of times a second."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def decision_response(decision: Decision) -> Response:
+    return FastJSONResponse(decision.body, status_code=decision.status, headers=decision.headers)
+
+
+async def answer_authorize(
+    policy: Policy, service_token: str | None, body: bytes | None
+) -> Response:
+    """The whole `POST /authorize`: gate, parse, decide; `body` None when it was too large."""
+    gate = policy.gate(service_token)
+    if isinstance(gate, Decision):
+        return decision_response(gate)
+    if body is None:
+        return decision_response(request_too_large(gate.position))
+    try:
+        parsed = AuthorizeRequest.model_validate_json(body)
+    except ValidationError as exc:
+        return decision_response(invalid_request(exc, gate.position))
+    return decision_response(await policy.authorize(parsed, gate))
+
+
+class AuthorizeFastPath:
+    """`POST /authorize` straight to the decision, ahead of FastAPI's routing and dependency
+    solving (which cost more than the decision itself); everything else passes through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/authorize" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        policy: Policy = scope["app"].state.policy
+        token = None
+        for name, value in scope["headers"]:
+            if name == b"x-quota-service-token":
+                token = value.decode("latin-1")
+        limit = policy.settings.max_request_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks) if size <= limit else None
+        response = await answer_authorize(policy, token, body)
+        await response(scope, receive, send)
+
+
+def reservation_body(reservation: Reservation) -> dict[str, Any]:
+    return {
+        "id": reservation.reservation_id,
+        "account_id": reservation.account_id,
+        "amount": reservation.amount,
+        "state": reservation.state,
+        "request_id": reservation.request_id,
+        "expires_at": format_time(reservation.expires_at),
+        "held_position": reservation.held_position,
+        "ended_position": reservation.ended_position,
+        "settled_amount": reservation.settled_amount,
+        "ended_by": reservation.ended_by,
+    }
+
+
+async def _reservation_unavailable(request: Request, exc: Exception) -> Response:
+    """A reservation read or release that met a lost or refusing database: 503, retry."""
+    log.warning("database unavailable", path=request.url.path, error=str(exc))
+    return decision_response(reservation_unavailable(_policy(request).store.position))
+
+
+def register(app: FastAPI) -> None:
+    """The routes, the fast path in front of them, and the one domain-error handler."""
+    _routes(app)
+    app.add_exception_handler(ReservationUnavailable, _reservation_unavailable)
+
+
+async def _readiness(request: Request) -> Readiness:
+    """Ready while decisions can be answered: the snapshot is loaded and the ledger was heard
+    from within QUOTA_MAX_STALENESS_SECONDS (or QUOTA_FAIL_OPEN); `reason` names what is
+    degraded meanwhile (e.g. the database is away: holds are refused, checks answered)."""
+    return _policy(request).readiness()
+
+
+def _routes(app: FastAPI) -> None:
+    add_ops_routes(app, _readiness, "Snapshot not loaded, or stale")
+
+    @app.post(
+        "/authorize",
+        tags=["authorize"],
+        response_model=None,
+        responses=DECISION_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": inline_schema(AuthorizeRequest)}},
+            }
+        },
+    )
+    async def authorize(
+        request: Request, policy: PolicyDep, x_quota_service_token: ServiceToken = None
+    ) -> Response:
+        # Served by `AuthorizeFastPath` in front of the router; this route documents it and
+        # answers the same should the middleware be bypassed.
+        body = await request.body()
+        too_large = len(body) > policy.settings.max_request_bytes
+        return await answer_authorize(policy, x_quota_service_token, None if too_large else body)
+
+    @app.get(
+        "/reservations/{reservation_id}",
+        tags=["reservations"],
+        response_model=None,
+        responses={200: {"model": ReservationState}, **RESERVATION_REFUSALS},
+    )
+    async def get_reservation(
+        reservation_id: str, policy: PolicyDep, x_quota_service_token: ServiceToken = None
+    ) -> Response:
+        refused = policy.refuse_service(x_quota_service_token)
+        if refused is not None:
+            return decision_response(refused)
+        reservation = await policy.get_reservation(reservation_id)
+        if reservation is None:
+            return JSONResponse({"error": f"unknown reservation {reservation_id}"}, 404)
+        return JSONResponse(reservation_body(reservation))
+
+    @app.post(
+        "/reservations/{reservation_id}/release",
+        tags=["reservations"],
+        response_model=None,
+        responses={
+            200: {"model": ReservationState, "description": "Released (now or before)"},
+            **RESERVATION_REFUSALS,
+            409: {"model": ReservationState, "description": "Already settled or expired"},
+        },
+    )
+    async def release_reservation(
+        reservation_id: str, policy: PolicyDep, x_quota_service_token: ServiceToken = None
+    ) -> Response:
+        """Release a hold; releasing it again answers the same (idempotent)."""
+        refused = policy.refuse_service(x_quota_service_token)
+        if refused is not None:
+            return decision_response(refused)
+        reservation = await policy.release(reservation_id)
+        if reservation is None:
+            return JSONResponse({"error": f"unknown reservation {reservation_id}"}, 404)
+        status = 200 if reservation.state == "released" else 409
+        return JSONResponse(reservation_body(reservation), status_code=status)
+
+    async def forward(
+        request: Request, policy: PolicyDep, x_quota_service_token: ServiceToken = None
+    ) -> Response:
+        """nginx `auth_request`, Traefik ForwardAuth, Envoy ext_authz: inputs from headers."""
+        gate = policy.gate(x_quota_service_token)
+        if isinstance(gate, Decision):
+            return _forwarded(request, gate)
+        try:
+            parsed = _forward_request(request)
+        except (ValidationError, ValueError) as exc:
+            return _forwarded(request, invalid_request(exc, gate.position))
+        return _forwarded(request, await policy.authorize(parsed, gate))
+
+    for method in ("GET", "POST"):
+        app.add_api_route(
+            "/authorize/forward",
+            forward,
+            methods=[method],
+            tags=["authorize"],
+            operation_id=f"authorize_forward_{method.lower()}",
+            response_model=None,
+            responses=forward_responses(),
+            openapi_extra={"parameters": FORWARD_PARAMETERS},
+        )
+
+
+# ------------------------------------------------------------------------------ forward-auth
+
+_INTEGER = re.compile(r"\s*[+-]?[0-9]{1,30}\s*")
+
+
+def _header_integer(value: str, name: str) -> int:
+    """An integer header value in ASCII digits; a `ValueError` naming the header otherwise."""
+    if not _INTEGER.fullmatch(value):
+        raise ValueError(f"{name}: must be an integer, got {value[:40]!r}")
+    return int(value)
+
+
+def _header_value(value: object) -> str:
+    """A value as an HTTP header can carry it: printable ASCII as is, anything else (an id with
+    a newline, or beyond Latin-1) percent-encoded as UTF-8."""
+    text = str(value)
+    return text if text.isascii() and text.isprintable() else quote(text, safe="")
+
+
+def _forward_request(request: Request) -> AuthorizeRequest:
+    """The `/authorize` inputs, from the gateway's headers."""
+    headers = request.headers
+    forwarded_for = headers.get("x-forwarded-for", "")
+    fields: dict[str, Any] = {
+        "authorization": headers.get("authorization"),
+        "client_ip": forwarded_for.split(",")[0].strip() or None,
+        "route": headers.get("x-forwarded-uri") or headers.get("x-original-uri"),
+        "model": headers.get("x-quota-model"),
+        "channel_id": headers.get("x-quota-channel") or None,
+        "request_id": headers.get("x-request-id") or None,
+    }
+    cost = headers.get("x-quota-estimated-cost")
+    if cost:
+        fields["estimated_cost"] = _header_integer(cost, "X-Quota-Estimated-Cost")
+    return AuthorizeRequest.model_validate(fields)
+
+
+def _forwarded(request: Request, decision: Decision) -> Response:
+    """The decision with X-Quota-* headers; nginx's auth_request only passes 2xx, 401 and 403
+    through, so for nginx (`X-Quota-Auth-Request: nginx`) other denials become 403 (the real
+    status is in X-Quota-Status)."""
+    body = decision.body
+    headers = {
+        **decision.headers,
+        "X-Quota-Allowed": "true" if decision.allowed else "false",
+        "X-Quota-Status": str(decision.status),
+        "X-Quota-Position": str(decision.position),
+    }
+    status = decision.status
+    grant, denial = decision.grant, decision.denial
+    if grant is not None:
+        named = (
+            ("Account", grant.account_id), ("Token", grant.token_id), ("Role", grant.role),
+            ("Group", grant.group), ("Balance", grant.balance), ("Available", grant.available),
+        )  # fmt: skip
+        for name, value in named:
+            headers[f"X-Quota-{name}"] = _header_value(value)
+        if grant.reservation is not None:
+            headers["X-Quota-Reservation"] = _header_value(grant.reservation.id)
+    elif denial is not None:
+        headers["X-Quota-Reason"] = _header_value(denial.reason)
+        headers["X-Quota-Error-Body"] = json.dumps(body, ensure_ascii=True)
+        nginx = request.headers.get("x-quota-auth-request", "").lower() == "nginx"
+        if nginx and status not in (401, 403):
+            status = 403
+    return JSONResponse(body, status_code=status, headers=headers)

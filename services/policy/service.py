@@ -1,0 +1,253 @@
+"""The policy service's orchestration, apart from HTTP: the gate (service token, freshness),
+the decision (`decide`), the hold when a cost is estimated, and check 14's shared counter.
+
+It speaks in typed decisions and domain errors; `services.policy.http` renders them. A
+database failure while holding is a decision (`503 reservation_unavailable`, nothing held);
+while reading or releasing a reservation it is `ReservationUnavailable`, which the HTTP layer
+maps to the same answer in one place.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import structlog
+from prometheus_client import Counter
+from pydantic import ValidationError
+
+from services.contract.cloudevent import format_time
+from services.policy.decision import Decision, Hold, decide, deny, extract_key, rate_limited
+from services.policy.decision import refusal as _refusal
+from services.policy.errors import INSUFFICIENT_USER_QUOTA
+from services.policy.ratelimit import RateLimiter
+from services.policy.request import AuthorizeRequest
+from services.policy.reservations import HoldOutcome, Reservations
+from services.policy.snapshot import Snapshot
+from services.policy.snapshot_store import SnapshotStore
+from services.settings import Settings
+from services.store.model import Reservation
+from services.supervise import DATABASE_ERRORS, Readiness
+
+log = structlog.get_logger("quota.policy.service")
+
+DECISIONS = Counter("quota_policy_decisions_total", "Decisions by outcome", ["reason"])
+
+INVALID_REQUEST: Final = "invalid_request"
+SERVICE_TOKEN_INVALID: Final = "service_token_invalid"
+SNAPSHOT_STALE: Final = "snapshot_stale"
+RESERVATION_UNAVAILABLE: Final = "reservation_unavailable"
+REQUEST_TOO_LARGE: Final = "request_too_large"
+
+
+class ReservationUnavailable(Exception):
+    """The database could not be reached to read or end a reservation; retry later."""
+
+
+def reservation_unavailable(position: int) -> Decision:
+    """503: the hold could not be written (the database failed); retry after a second."""
+    return _refusal(
+        503,
+        RESERVATION_UNAVAILABLE,
+        "Quota could not be reserved right now; try again later.",
+        "service_unavailable",
+        position,
+        1,
+    )
+
+
+def invalid_request(exc: ValidationError | ValueError, position: int) -> Decision:
+    """400 for a body or header that is not a valid request, naming the first problem."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        detail = f"{where}: {first['msg']}"
+    else:
+        detail = str(exc)
+    return _refusal(
+        400, INVALID_REQUEST, f"Bad Request – {detail}", "invalid_request_error", position, None
+    )
+
+
+def request_too_large(position: int) -> Decision:
+    return _refusal(
+        413, REQUEST_TOO_LARGE, "Request body too large.", "invalid_request_error", position, None
+    )
+
+
+_COUNTERS: dict[str, Any] = {}
+
+
+def count(reason: str) -> None:
+    counter = _COUNTERS.get(reason)
+    if counter is None:
+        counter = _COUNTERS[reason] = DECISIONS.labels(reason=reason)
+    counter.inc()
+
+
+class Policy:
+    """What the lifespan builds and every route uses: the snapshot store, the limiter, the
+    reservations, and the settings that govern them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: SnapshotStore,
+        limiter: RateLimiter,
+        reservations: Reservations,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.limiter = limiter
+        self.reservations = reservations
+
+    # ---------------------------------------------------------------------------- the gate
+
+    def refuse_service(self, service_token: str | None) -> Decision | None:
+        """401 when a service token is configured and the gateway did not send it, or sent
+        another (compared in constant time). Every route but health and metrics asks this."""
+        expected = self.settings.service_token
+        # Header values arrive decoded as latin-1: back to their bytes, against the UTF-8.
+        sent = (service_token or "").encode("latin-1", "replace")
+        if expected and not hmac.compare_digest(sent, expected.encode()):
+            return _refusal(
+                401,
+                SERVICE_TOKEN_INVALID,
+                "Unauthorized – missing or wrong X-Quota-Service-Token.",
+                "authentication_error",
+                self.store.position,
+                None,
+            )
+        return None
+
+    def gate(self, service_token: str | None) -> Decision | Snapshot:
+        """Service authentication and freshness: the snapshot to decide from, or the refusal."""
+        refused = self.refuse_service(service_token)
+        if refused is not None:
+            return refused
+        snapshot = self.store.snapshot
+        if snapshot is None:
+            return _refusal(
+                503,
+                SNAPSHOT_STALE,
+                "Quota snapshot is not loaded yet.",
+                "service_unavailable",
+                0,
+                1,
+            )
+        settings = self.settings
+        if not settings.fail_open and (
+            self.store.seconds_since_heard() > settings.max_staleness_seconds
+        ):
+            return _refusal(
+                503,
+                SNAPSHOT_STALE,
+                "Quota state is stale: the ledger has not been heard from; try again later.",
+                "service_unavailable",
+                self.store.position,
+                1,
+            )
+        return snapshot
+
+    def readiness(self) -> Readiness:
+        """Ready while decisions can be answered: the snapshot is loaded and fresh (or
+        QUOTA_FAIL_OPEN); `reason` names what is degraded or missing."""
+        store, settings = self.store, self.settings
+        reason = None if store.health.ok else f"snapshot listener: {store.health.reason}"
+        ready = store.snapshot is not None
+        if not ready:
+            reason = "snapshot not loaded" + (f" ({reason})" if reason else "")
+        elif not settings.fail_open and (
+            store.seconds_since_heard() > settings.max_staleness_seconds
+        ):
+            ready = False
+            reason = (
+                f"stale: the ledger was last heard from {store.seconds_since_heard():.1f}s ago"
+                + (f" ({reason})" if reason else "")
+            )
+        return Readiness(ready=ready, position=store.position, reason=reason)
+
+    # ---------------------------------------------------------------------------- decisions
+
+    async def authorize(self, request: AuthorizeRequest, snapshot: Snapshot) -> Decision:
+        """Checks 1-13 from the snapshot (pure), the hold when a cost is estimated (check 13
+        again, authoritative, under the ledger lock), then check 14 against the shared limiter.
+
+        A hold with a request id is decided by the hold alone from check 13 on: `decide` skips
+        check 13 for it, the hold answers a known request id (within its TTL, whatever the
+        reservation's state) with its reservation before applying check 13, and a repeat is
+        not counted by check 14 again."""
+        decision = decide(request, snapshot, datetime.now(UTC))
+        held: HoldOutcome | None = None
+        grant = decision.grant
+        if grant is not None and request.estimated_cost is not None:
+            try:
+                held = await self.reservations.hold(
+                    grant.account_id,
+                    request.estimated_cost,
+                    request.request_id,
+                    actor=f"token:{grant.token_id}",
+                )
+            except DATABASE_ERRORS as exc:
+                # Nothing was held (the statement is one transaction): refuse, never fail open.
+                log.warning("hold failed", error=str(exc), account_id=grant.account_id)
+                count(RESERVATION_UNAVAILABLE)
+                return reservation_unavailable(snapshot.position)
+            if held.reservation is None:
+                key = extract_key(request.authorization)
+                decision = deny(INSUFFICIENT_USER_QUOTA, snapshot.position, key_last6=key[-6:])
+            else:
+                decision = _with_reservation(decision, held)
+        if (
+            decision.allowed
+            and decision.rate_limit is not None
+            and decision.rate_limit_key
+            and not (held is not None and held.repeated)
+        ):
+            account_id, model = decision.rate_limit_key
+            retry_after = await self.limiter.hit(account_id, model, decision.rate_limit)
+            if retry_after is not None:
+                if held is not None and held.reservation is not None:
+                    try:
+                        await self.reservations.release(
+                            held.reservation.reservation_id, "policy:rate_limited"
+                        )
+                    except DATABASE_ERRORS as exc:  # the TTL ends it instead
+                        log.warning("release after 429 failed", error=str(exc))
+                decision = rate_limited(decision, retry_after)
+        count(decision.reason or "allowed")
+        return decision
+
+    # ---------------------------------------------------------------------------- reservations
+
+    async def get_reservation(self, reservation_id: str) -> Reservation | None:
+        try:
+            return await self.reservations.get(reservation_id)
+        except DATABASE_ERRORS as exc:
+            raise ReservationUnavailable(str(exc)) from exc
+
+    async def release(self, reservation_id: str) -> Reservation | None:
+        """End a held reservation (idempotent); None for an unknown id."""
+        try:
+            return await self.reservations.release(reservation_id, "api:release")
+        except DATABASE_ERRORS as exc:
+            raise ReservationUnavailable(str(exc)) from exc
+
+
+def _with_reservation(decision: Decision, held: HoldOutcome) -> Decision:
+    reservation = held.reservation
+    grant = decision.grant
+    assert reservation is not None and grant is not None
+    hold = Hold(
+        reservation.reservation_id,
+        reservation.amount,
+        format_time(reservation.expires_at),
+        reservation.state,
+    )
+    grant = replace(
+        grant, balance=held.balance, available=held.balance - held.held, reservation=hold
+    )
+    position = max(decision.position, reservation.held_position)
+    return replace(decision, grant=grant, position=position)

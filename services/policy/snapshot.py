@@ -1,0 +1,185 @@
+"""The snapshot `decide` reads: the projections at one ledger position, indexed (tokens by
+key hash, channels serving each group and model, route policies by longest match)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Final
+
+from services.contract.events import ROLE_RANK
+from services.store.model import (
+    Account,
+    Channel,
+    ModelSpec,
+    RateLimit,
+    RoutePolicy,
+    State,
+    Token,
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+ADMIN_RANK: Final = ROLE_RANK["admin"]
+_STRICTEST_RANK: Final = max(ROLE_RANK.values())
+
+
+def role_rank(role: str) -> int:
+    """An account's rank; an unknown role ranks lowest."""
+    return ROLE_RANK.get(role, 0)
+
+
+def required_rank(min_role: str) -> int:
+    """A policy's required rank; an unknown role requires the highest (fail closed)."""
+    return ROLE_RANK.get(min_role, _STRICTEST_RANK)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RouteTable:
+    """Route policies indexed for the longest match: exact paths, and prefixes by length."""
+
+    exact: Mapping[str, RoutePolicy]
+    prefixes: Mapping[str, RoutePolicy]
+    #: The distinct lengths of the prefixes, longest first: a lookup probes only these.
+    prefix_lengths: tuple[int, ...]
+    #: The highest rank any policy requires (applies when the request names no route).
+    strictest: RoutePolicy | None
+
+    @classmethod
+    def build(cls, policies: Iterable[RoutePolicy]) -> RouteTable:
+        exact: dict[str, RoutePolicy] = {}
+        prefixes: dict[str, RoutePolicy] = {}
+        strictest: RoutePolicy | None = None
+        for policy in policies:
+            if policy.route.endswith("*"):
+                prefixes[policy.route[:-1]] = policy
+            else:
+                exact[policy.route] = policy
+            if strictest is None or required_rank(policy.min_role) > required_rank(
+                strictest.min_role
+            ):
+                strictest = policy
+        lengths = tuple(sorted({len(prefix) for prefix in prefixes}, reverse=True))
+        return cls(MappingProxyType(exact), MappingProxyType(prefixes), lengths, strictest)
+
+    def match(self, route: str | None) -> RoutePolicy | None:
+        """The policy that governs `route`: exact first, then the longest prefix."""
+        if route is None:
+            return self.strictest
+        path = route.split("?", 1)[0].split("#", 1)[0]
+        policy = self.exact.get(path)
+        if policy is not None:
+            return policy
+        for length in self.prefix_lengths:
+            if length <= len(path):
+                policy = self.prefixes.get(path[:length])
+                if policy is not None:
+                    return policy
+        return None
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    """The networks of a token's `allowed_cidrs`; unparsable entries admit no one."""
+    networks: list[Network] = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            continue
+    return tuple(networks)
+
+
+def _freeze(mapping: dict[Any, Any]) -> Mapping[Any, Any]:
+    return MappingProxyType(mapping)
+
+
+def _token_indexes(state: State) -> dict[str, Any]:
+    tokens = {token.key_sha256.lower(): token for token in state.tokens.values()}
+    networks = {
+        token.token_id: parse_networks(token.allowed_cidrs)
+        for token in state.tokens.values()
+        if token.allowed_cidrs
+    }
+    return {"tokens": _freeze(tokens), "networks": _freeze(networks)}
+
+
+def _catalog_indexes(state: State) -> dict[str, Any]:
+    serving: dict[tuple[str, str], list[int]] = {}
+    for channel in state.channels.values():
+        if not channel.enabled:
+            continue
+        for group in set(channel.groups):
+            for model in set(channel.models):
+                serving.setdefault((group, model), []).append(channel.channel_id)
+    return {
+        "channels": _freeze(dict(state.channels)),
+        "models": _freeze(dict(state.models)),
+        "routes": RouteTable.build(state.routes.values()),
+        "serving": _freeze({key: tuple(sorted(ids)) for key, ids in serving.items()}),
+    }
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Snapshot:
+    """A read-only view of the projections at one ledger position, indexed for `decide`.
+
+    `accounts` is a live view of the store's accounts (the hot, often-changing part): the
+    store updates them and moves to the new snapshot without awaiting in between, so a
+    decision, which never awaits, sees one position. The other indexes are rebuilt copies."""
+
+    position: int
+    accounts: Mapping[str, Account]
+    #: key_sha256 (lowercase hex) -> token, revoked ones included.
+    tokens: Mapping[str, Token]
+    channels: Mapping[int, Channel]
+    models: Mapping[str, ModelSpec]
+    routes: RouteTable
+    rate_limits: Mapping[tuple[str, str], RateLimit]
+    #: (group, model) -> ids of the enabled channels serving that model to that group, sorted.
+    serving: Mapping[tuple[str, str], tuple[int, ...]]
+    #: token_id -> the parsed networks of its `allowed_cidrs`.
+    networks: Mapping[str, tuple[Network, ...]] = field(default_factory=lambda: _freeze({}))
+
+    @classmethod
+    def from_state(cls, state: State, position: int) -> Snapshot:
+        return cls(
+            position=position,
+            # A live read-only view: the store moves accounts and position together, between
+            # two decisions, and copying every account per change costs O(accounts).
+            accounts=_freeze(state.accounts),
+            **_token_indexes(state),
+            **_catalog_indexes(state),
+            rate_limits=_freeze(dict(state.rate_limits)),
+        )
+
+    def updated(
+        self,
+        state: State,
+        position: int,
+        *,
+        accounts: bool = False,
+        tokens: bool = False,
+        catalog: bool = False,
+        rate_limits: bool = False,
+    ) -> Snapshot:
+        """This snapshot moved to `position`, re-indexing only the parts that changed."""
+        parts: dict[str, Any] = {"position": position}
+        if accounts:
+            parts["accounts"] = _freeze(state.accounts)
+        if tokens:
+            parts.update(_token_indexes(state))
+        if catalog:
+            parts.update(_catalog_indexes(state))
+        if rate_limits:
+            parts["rate_limits"] = _freeze(dict(state.rate_limits))
+        return replace(self, **parts)
+
+    def rate_limit_for(self, account_id: str, model: str) -> RateLimit | None:
+        """The account's limit for the model, else its `*` limit."""
+        limit = self.rate_limits.get((account_id, model))
+        if limit is None:
+            limit = self.rate_limits.get((account_id, "*"))
+        return limit if limit is not None and limit.requests > 0 else None
