@@ -7,8 +7,14 @@ from typing import Final
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.errors import error_body
+
 _NUL_BODY: Final = orjson.dumps(
-    {"detail": "U+0000 (NUL) is not allowed in a path or query: nothing stored can hold it."}
+    error_body(
+        "invalid_request",
+        "U+0000 (NUL) is not allowed in a path or query: nothing stored can hold it.",
+        "invalid_request_error",
+    )
 )
 
 

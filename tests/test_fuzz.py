@@ -410,7 +410,7 @@ async def test_a_100000_deep_body_is_a_4xx_everywhere(world: World, kind: str) -
     for name, answer in answers.items():
         assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text[:500])
         assert answer.headers["content-type"].startswith("application/json"), name
-    assert answers["events"].json()["errors"][0]["code"] == "invalid_json"
+    assert answers["events"].json()["error"]["code"] == "invalid_json"
     assert answers["/authorize"].json()["error"]["reason"] == "request_too_large"
     assert answers["authorize, 10000 deep"].json()["error"]["reason"] == "invalid_request"
     world.fleet.check_alive()
@@ -452,7 +452,7 @@ async def test_bad_events_are_a_400_naming_the_problem(
     async with httpx.AsyncClient(base_url=world.ledger.url, headers=ADMIN, timeout=30) as client:
         answer = await client.post("/events", content=body)
     assert answer.status_code == 400, answer.text[:500]
-    assert answer.json()["errors"][0]["code"] == code, answer.text[:500]
+    assert answer.json()["error"]["details"][0]["code"] == code, answer.text[:500]
 
 
 @pytest.mark.parametrize(
@@ -470,7 +470,7 @@ async def test_reads_beyond_what_postgresql_holds_are_a_4xx(world: World, path: 
     async with httpx.AsyncClient(base_url=world.ledger.url, headers=ADMIN, timeout=30) as client:
         answer = await client.get(path)
     assert answer.status_code in (400, 422), answer.text[:500]
-    assert "detail" in answer.json()
+    assert answer.json()["error"]["message"]
 
 
 async def test_forward_auth_headers_survive_any_id_and_any_number(world: World) -> None:

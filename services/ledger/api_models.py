@@ -13,15 +13,10 @@ from pydantic import BaseModel, Field
 
 from services.contract.cloudevent import MAX_SUBJECT_CHARS
 from services.contract.events import CATALOG_EVENTS, CATALOG_SUBJECT, EVENT_TYPES
+from services.errors import ErrorBody
 from services.openapi_docs import inline_schema
 
 Responses = dict[int | str, dict[str, Any]]
-
-
-class ErrorDetail(BaseModel):
-    """Every refusal of the read routes (and the admin check, and a NUL in a path or query)."""
-
-    detail: str
 
 
 class Account(BaseModel):
@@ -108,7 +103,8 @@ class EventsAccepted(BaseModel):
 
 
 class EventError(BaseModel):
-    """`index` is the event's place in the request (null: the request as a whole)."""
+    """One item of an `invalid_events` error's `details`: `index` is the event's place in the
+    request (null: the request as a whole)."""
 
     index: int | None
     id: str | None = None
@@ -116,31 +112,23 @@ class EventError(BaseModel):
     reason: str
 
 
-class EventErrors(BaseModel):
-    errors: list[EventError]
-
-
-class BrokerUnavailable(BaseModel):
-    error: str
-
-
 # --- reusable `responses=` entries ---------------------------------------------------------
 
 ADMIN_RESPONSES: Final[Responses] = {
-    401: {"model": ErrorDetail, "description": "No admin bearer token"},
-    403: {"model": ErrorDetail, "description": "Wrong admin bearer token"},
+    401: {"model": ErrorBody, "description": "No admin bearer token"},
+    403: {"model": ErrorBody, "description": "Wrong admin bearer token"},
 }
 BAD_REQUEST: Final[Responses] = {
-    400: {"model": ErrorDetail, "description": "A bad parameter, or U+0000 in the path or query"},
+    400: {"model": ErrorBody, "description": "A bad parameter, or U+0000 in the path or query"},
 }
 DATABASE_UNAVAILABLE: Final[Responses] = {
     503: {
-        "model": ErrorDetail,
+        "model": ErrorBody,
         "description": "The database is unavailable; retry (Retry-After)",
         "headers": {"Retry-After": {"schema": {"type": "string"}}},
     },
 }
-NOT_FOUND: Final[Responses] = {404: {"model": ErrorDetail, "description": "Unknown account"}}
+NOT_FOUND: Final[Responses] = {404: {"model": ErrorBody, "description": "Unknown account"}}
 
 
 def admin_read(ok: type[BaseModel] | None, extra: Responses | None = None) -> Responses:

@@ -14,11 +14,12 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from services.contract.cloudevent import Rejection, decode_http_object, encode_structured
 from services.contract.events import INT64_MAX, Event
+from services.errors import ApiError, ErrorBody, error_response, install
 from services.infra.topics import ensure_topic, kafka_metadata
 from services.ledger import audit_api, offset_store, ui
 from services.ledger import metrics as ledger_metrics
@@ -26,8 +27,6 @@ from services.ledger.api_models import (
     ADMIN_RESPONSES,
     NOT_FOUND,
     Account,
-    BrokerUnavailable,
-    EventErrors,
     EventsAccepted,
     RejectedPage,
     VerifyReport,
@@ -119,6 +118,7 @@ def create_app(
     app.include_router(audit_api.router)
     app.include_router(ui.router)
     app.add_middleware(RejectNul)
+    install(app)
     for error in DATABASE_ERRORS:
         app.add_exception_handler(error, _database_unavailable)
     return app
@@ -133,9 +133,10 @@ async def _stop_consumer(consumer: LedgerConsumer, task: asyncio.Task[None]) -> 
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
     """A read that met a lost or refusing database: 503, to be retried."""
     log.warning("database unavailable", error=f"{type(exc).__name__}: {exc}")
-    return JSONResponse(
-        {"detail": f"database unavailable: {type(exc).__name__}"},
-        status_code=503,
+    return error_response(
+        503,
+        "database_unavailable",
+        f"database unavailable: {type(exc).__name__}",
         headers={"Retry-After": "1"},
     )
 
@@ -195,7 +196,7 @@ def _routes(app: FastAPI) -> None:
         async with ledger.pool.acquire() as conn:
             account = await projections.get_account(conn, account_id)
         if account is None:
-            raise HTTPException(status_code=404, detail=f"unknown account {account_id}")
+            raise ApiError(404, "unknown_account", f"unknown account {account_id}")
         return {
             "account_id": account.account_id,
             "balance": account.balance,
@@ -250,36 +251,46 @@ def _routes(app: FastAPI) -> None:
             202: {"model": EventsAccepted, "description": "Published; the ids, in order"},
             **ADMIN_RESPONSES,
             400: {
-                "model": EventErrors,
+                "model": ErrorBody,
                 "description": "Not JSON, or at least one event is invalid; nothing was published",
             },
-            413: {"model": EventErrors, "description": "Body too large"},
-            503: {"model": BrokerUnavailable, "description": "The broker did not accept them"},
+            413: {"model": ErrorBody, "description": "Body too large"},
+            503: {"model": ErrorBody, "description": "The broker did not accept them"},
         },
     )
     async def post_events(request: Request, ledger: LedgerDep) -> Response:
         body = await read_body(request, MAX_EVENTS_BODY_BYTES)
         if body is None:
-            return _errors(413, [{"index": None, "reason": "body too large"}])
+            return error_response(
+                413, "request_too_large", f"body over {MAX_EVENTS_BODY_BYTES} bytes"
+            )
         try:
             parsed = parse_json(body)
         except ValueError as exc:
-            return _errors(
-                400, [{"index": None, "code": "invalid_json", "reason": printable(str(exc))}]
-            )
+            reason = printable(str(exc))
+            details = [{"index": None, "code": "invalid_json", "reason": reason}]
+            return error_response(400, "invalid_json", reason, details=details)
         items = parsed if isinstance(parsed, list) else [parsed]
         if not items:
-            return _errors(400, [{"index": None, "reason": "no events given"}])
+            return error_response(400, "no_events", "no events given")
         if len(items) > MAX_EVENTS_PER_REQUEST:
-            return _errors(400, [{"index": None, "reason": "too many events in one request"}])
+            return error_response(
+                400, "too_many_events", f"more than {MAX_EVENTS_PER_REQUEST} events in one request"
+            )
         events, errors = validate_batch(items)
         if errors:
-            return _errors(400, errors)
+            message = f"{len(errors)} of {len(items)} events are invalid; nothing was published"
+            return error_response(400, "invalid_events", message, details=errors)
         try:
             await publish(ledger.producer, ledger.settings.topic, events)
         except KafkaError as exc:
             log.error("publish failed", error=str(exc))
-            return JSONResponse({"error": f"broker unavailable: {exc}"}, status_code=503)
+            return error_response(
+                503,
+                "broker_unavailable",
+                f"broker unavailable: {exc}",
+                headers={"Retry-After": "1"},
+            )
         return JSONResponse({"ids": [event.id for event in events]}, status_code=202)
 
 
@@ -371,10 +382,6 @@ async def publish(producer: AIOKafkaProducer, topic: str, events: list[Event]) -
         for event in events
     ]
     await asyncio.gather(*futures)
-
-
-def _errors(status: int, errors: list[dict[str, Any]]) -> JSONResponse:
-    return JSONResponse({"errors": errors}, status_code=status)
 
 
 def _rejected_item(row: asyncpg.Record) -> dict[str, Any]:

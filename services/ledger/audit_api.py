@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from services.errors import ApiError, ErrorBody
 from services.ledger import statements as st
-from services.ledger.api_models import NOT_FOUND, BalanceAsOf, ErrorDetail, Statement, admin_read
+from services.ledger.api_models import NOT_FOUND, BalanceAsOf, Statement, admin_read
 from services.ledger.deps import Admin, LedgerDep
 
 router = APIRouter(tags=["accounts"])
@@ -62,11 +63,11 @@ def _point(value: str | None, name: str) -> st.Point | None:
     try:
         return st.parse_point(value, name)
     except st.BadPoint as exc:
-        raise HTTPException(status_code=400, detail=str(exc)) from None
+        raise ApiError(400, "invalid_parameter", str(exc)) from None
 
 
-def _unknown(account_id: str) -> HTTPException:
-    return HTTPException(status_code=404, detail=f"unknown account {account_id}")
+def _unknown(account_id: str) -> ApiError:
+    return ApiError(404, "unknown_account", f"unknown account {account_id}")
 
 
 @router.get(
@@ -83,7 +84,7 @@ def _unknown(account_id: str) -> HTTPException:
                 "description": "A page of the statement (JSON, or CSV with `format=csv`)",
                 "content": {"text/csv": {"schema": {"type": "string"}}},
             },
-            400: {"model": ErrorDetail, "description": "Bad `since`, `until` or `cursor`"},
+            400: {"model": ErrorBody, "description": "Bad `since`, `until` or `cursor`"},
             **NOT_FOUND,
         },
     ),
@@ -110,7 +111,7 @@ async def get_statement(
     try:
         after = st.parse_cursor(cursor) if cursor is not None else None
     except st.BadPoint as exc:
-        raise HTTPException(status_code=400, detail=str(exc)) from None
+        raise ApiError(400, "invalid_parameter", str(exc)) from None
     async with ledger.pool.acquire() as conn:
         statement = await st.read_statement(
             conn, account_id, since=since_point, until=until_point, limit=limit, cursor=after
@@ -143,7 +144,7 @@ async def get_statement(
     response_model=None,
     responses=admin_read(
         BalanceAsOf,
-        {400: {"model": ErrorDetail, "description": "Missing or bad `as_of`"}, **NOT_FOUND},
+        {400: {"model": ErrorBody, "description": "Missing or bad `as_of`"}, **NOT_FOUND},
     ),
 )
 async def get_balance_as_of(
@@ -154,8 +155,10 @@ async def get_balance_as_of(
     ] = None,
 ) -> dict[str, Any]:
     if as_of is None or not as_of.strip():
-        raise HTTPException(
-            status_code=400, detail=f"as_of is required: {POINT_HELP[0].lower()}{POINT_HELP[1:]}"
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            f"as_of is required: {POINT_HELP[0].lower()}{POINT_HELP[1:]}",
         )
     point = _point(as_of, "as_of")
     assert point is not None

@@ -7,9 +7,10 @@ from typing import Annotated
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from services.errors import ApiError
 from services.ledger.consumer import LedgerConsumer
 from services.settings import Settings
 
@@ -45,14 +46,15 @@ def require_admin(
 ) -> None:
     """401 without a bearer token, 403 with a wrong one."""
     if credentials is None or not credentials.credentials:
-        raise HTTPException(
-            status_code=401,
-            detail="admin bearer token required",
+        raise ApiError(
+            401,
+            "admin_token_missing",
+            "admin bearer token required",
             headers={"WWW-Authenticate": "Bearer"},
         )
     expected = ledger.settings.admin_token.encode()
     if not expected or not hmac.compare_digest(credentials.credentials.encode(), expected):
-        raise HTTPException(status_code=403, detail="wrong admin token")
+        raise ApiError(403, "admin_token_invalid", "wrong admin token")
 
 
 Admin = Depends(require_admin)

@@ -6,10 +6,11 @@ from __future__ import annotations
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
-from services.ledger.api_models import BAD_REQUEST, AccountSearch, ErrorDetail, admin_read
+from services.errors import ApiError, ErrorBody
+from services.ledger.api_models import BAD_REQUEST, AccountSearch, admin_read
 from services.ledger.deps import Admin, LedgerDep
 from services.store import projections
 
@@ -66,13 +67,13 @@ async def ui_page() -> Response:
             },
         },
         **BAD_REQUEST,
-        404: {"model": ErrorDetail, "description": "No such asset"},
+        404: {"model": ErrorBody, "description": "No such asset"},
     },
 )
 async def ui_asset(name: str) -> Response:
     media_type = ASSETS.get(name)
     if media_type is None:
-        raise HTTPException(status_code=404, detail="no such asset")
+        raise ApiError(404, "not_found", "no such asset")
     return Response(_static(name), media_type=media_type, headers=SECURITY_HEADERS)
 
 

@@ -11,6 +11,8 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, Field
 
+from services.errors import ErrorBody as ServiceError
+
 Responses = dict[int | str, dict[str, Any]]
 
 
@@ -33,7 +35,7 @@ class Allowed(BaseModel):
     position: int = Field(description="The ledger position the decision saw")
 
 
-class ErrorBody(BaseModel):
+class DecisionError(BaseModel):
     message: str
     type: str
     code: str | None
@@ -44,7 +46,7 @@ class Denied(BaseModel):
     """A refusal: a denied decision, or the service's own (service token, body, freshness)."""
 
     allowed: Literal[False]
-    error: ErrorBody
+    error: DecisionError
     position: int
 
 
@@ -59,10 +61,6 @@ class Reservation(BaseModel):
     ended_position: int | None
     settled_amount: int | None
     ended_by: str | None
-
-
-class UnknownReservation(BaseModel):
-    error: str
 
 
 _RETRY_AFTER: Final = {
@@ -96,7 +94,7 @@ DECISION_RESPONSES: Final[Responses] = {
 RESERVATION_REFUSALS: Final[Responses] = {
     400: {"model": Denied, "description": "U+0000 in the path"},
     401: {"model": Denied, "description": "Missing or wrong X-Quota-Service-Token"},
-    404: {"model": UnknownReservation, "description": "Unknown reservation"},
+    404: {"model": ServiceError, "description": "Unknown reservation"},
     503: {
         "model": Denied,
         "description": "The database is unavailable (reservation_unavailable)",

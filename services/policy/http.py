@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.contract.cloudevent import format_time
+from services.errors import error_response, install
 from services.openapi_docs import inline_schema
 from services.ops import add_ops_routes
 from services.policy.api_models import (
@@ -141,6 +142,7 @@ async def _reservation_unavailable(request: Request, exc: Exception) -> Response
 def register(app: FastAPI) -> None:
     """The routes, the fast path in front of them, and the one domain-error handler."""
     _routes(app)
+    install(app)
     app.add_exception_handler(ReservationUnavailable, _reservation_unavailable)
 
 
@@ -189,7 +191,9 @@ def _routes(app: FastAPI) -> None:
             return decision_response(refused)
         reservation = await policy.get_reservation(reservation_id)
         if reservation is None:
-            return JSONResponse({"error": f"unknown reservation {reservation_id}"}, 404)
+            return error_response(
+                404, "unknown_reservation", f"unknown reservation {reservation_id}"
+            )
         return JSONResponse(reservation_body(reservation))
 
     @app.post(
@@ -211,7 +215,9 @@ def _routes(app: FastAPI) -> None:
             return decision_response(refused)
         reservation = await policy.release(reservation_id)
         if reservation is None:
-            return JSONResponse({"error": f"unknown reservation {reservation_id}"}, 404)
+            return error_response(
+                404, "unknown_reservation", f"unknown reservation {reservation_id}"
+            )
         status = 200 if reservation.state == "released" else 409
         return JSONResponse(reservation_body(reservation), status_code=status)
 

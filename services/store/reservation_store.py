@@ -15,6 +15,7 @@ from services.store.db import CHANGES_CHANNEL
 from services.store.model import (
     Reservation,
 )
+from services.store.notify import NOTIFY_MAX_BYTES, NOTIFY_MAX_KEYS, NOTIFY_MAX_ROWS
 from services.store.projections import load_reservations, reservation_from_row
 
 
@@ -37,7 +38,8 @@ _HOLD: Final = """
 SELECT idx, outcome, reservation_id, amount, request_id, expires_at, held_position, balance,
        held, state
 FROM quota_hold($1::text[], $2::text[], $3::bigint[], $4::text[], $5::timestamptz[],
-                $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10, $11, $12, $13)
+                $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10, $11, $12, $13,
+                $14, $15, $16)
 """
 
 
@@ -49,10 +51,10 @@ async def hold(
     now: datetime,
 ) -> list[asyncpg.Record]:
     """Fold, chain and store a group of holds in ONE statement (`quota_hold()`, migrations
-    0004 and 0005, under the head lock): one round trip, committed on its own when the
-    connection is not in a transaction. One row per hold, in order: `outcome` is `held`,
-    `repeated` (the request id's reservation within its TTL, whatever its `state`) or
-    `insufficient` (check 13: `state` NULL)."""
+    0004-0006, under the head lock, notifying within `services.store.notify`'s limits): one
+    round trip, committed on its own when the connection is not in a transaction. One row per
+    hold, in order: `outcome` is `held`, `repeated` (the request id's reservation within its
+    TTL, whatever its `state`) or `insufficient` (check 13: `state` NULL)."""
     rows: list[asyncpg.Record] = await conn.fetch(
         _HOLD,
         [h.account_id for h in holds],
@@ -68,6 +70,9 @@ async def hold(
         recorded_at,
         now,
         CHANGES_CHANNEL,
+        NOTIFY_MAX_ROWS,
+        NOTIFY_MAX_BYTES,
+        NOTIFY_MAX_KEYS,
     )
     return rows
 

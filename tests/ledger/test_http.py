@@ -74,7 +74,8 @@ async def test_post_events_with_any_bad_event_publishes_nothing(
         await wait_for_position(pool, 1)
         unknown = await client.get("/accounts/acct_x", headers=AUTH)
     assert response.status_code == 400
-    errors = response.json()["errors"]
+    assert response.json()["error"]["code"] == "invalid_events"
+    errors = response.json()["error"]["details"]
     assert [(e["index"], e["code"]) for e in errors] == [
         (1, "bad_data"),
         (2, "unknown_type"),
@@ -84,7 +85,7 @@ async def test_post_events_with_any_bad_event_publishes_nothing(
     ]
     assert errors[0]["id"] == "x-2"
     assert invalid_json.status_code == 400
-    assert invalid_json.json()["errors"][0]["code"] == "invalid_json"
+    assert invalid_json.json()["error"]["code"] == "invalid_json"
     assert empty.status_code == 400
     assert marker.status_code == 202
     assert unknown.status_code == 404
@@ -122,4 +123,4 @@ async def test_a_nul_in_a_path_or_query_is_a_clear_400(settings: Settings, path:
     async with running_ledger(settings) as (_, client):
         answer = await client.get(path, headers=AUTH)
     assert answer.status_code == 400, (answer.status_code, answer.text)
-    assert "U+0000" in answer.json()["detail"]
+    assert "U+0000" in answer.json()["error"]["message"]

@@ -327,16 +327,16 @@ async def test_unknown_account_and_bad_parameters(ledger: Ledger) -> None:
                  "/accounts/catalog/statement"):  # fmt: skip
         response = await client.get(path, headers=AUTH)
         assert response.status_code == 404, path
-        assert "unknown account" in response.json()["detail"]
+        assert "unknown account" in response.json()["error"]["message"]
     for query in ("", "?as_of=", "?as_of=yesterday", "?as_of=-1", "?as_of=2026-01-01T00:00:00",
                   "?as_of=2026-13-01T00:00:00Z", "?as_of=1.5"):  # fmt: skip
         response = await client.get(f"/accounts/{ACCOUNT}/balance{query}", headers=AUTH)
         assert response.status_code == 400, query
-        assert "as_of" in response.json()["detail"]
+        assert "as_of" in response.json()["error"]["message"]
     for query in ("since=soon", "until=2026-01-01", "cursor=abc", "cursor=0"):
         response = await client.get(f"/accounts/{ACCOUNT}/statement?{query}", headers=AUTH)
         assert response.status_code == 400, query
-        assert query.split("=")[0] in response.json()["detail"]
+        assert query.split("=")[0] in response.json()["error"]["message"]
     for query in ("limit=0", "limit=5001", "format=xml"):
         response = await client.get(f"/accounts/{ACCOUNT}/statement?{query}", headers=AUTH)
         assert response.status_code == 422, query

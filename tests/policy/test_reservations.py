@@ -333,7 +333,7 @@ async def test_release_is_idempotent_and_an_unknown_id_is_404(
     assert first.json()["ended_position"] == second.json()["ended_position"]
     assert unknown.status_code == 404
     assert unknown_get.status_code == 404
-    assert nul.status_code == 400 and "U+0000" in nul.json()["detail"]
+    assert nul.status_code == 400 and "U+0000" in nul.json()["error"]["message"]
     assert (account["held"], account["available"]) == (0, 100)
 
 

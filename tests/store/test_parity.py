@@ -1,7 +1,7 @@
 """Where SQL repeats a rule of the Python store for speed, the two must agree; the checks live
 here together.
 
-* The group commit of holds runs in PostgreSQL (`quota_hold()`, migrations 0004-0005): it must
+* The group commit of holds runs in PostgreSQL (`quota_hold()`, migrations 0004-0006): it must
   decide exactly as the Python fold does, chain exactly as the ledger does, and notify the
   policy replicas with the rows it wrote, in the payload `services.store.notify` defines.
   Checked against a model of the rule on random batches, then by verify (the Python re-fold of
@@ -29,7 +29,13 @@ from services.store import db, event_store, projections
 from services.store.append import append_local
 from services.store.chain import GENESIS_HASH, chain_hash, payload_hash
 from services.store.model import HELD, RELEASED, Changes, Reservation, State
-from services.store.notify import ACCOUNT_ROW_FIELDS, Notification, notify_payload
+from services.store.notify import (
+    ACCOUNT_ROW_FIELDS,
+    NOTIFY_MAX_KEYS,
+    NOTIFY_MAX_ROWS,
+    Notification,
+    notify_payload,
+)
 from tests.builders import assert_history_clean, recharge
 
 ACCOUNTS = ("acct_h1", "acct_h2", "acct_h3")
@@ -191,6 +197,36 @@ async def test_a_commit_notifies_the_rows_it_wrote(pool: asyncpg.Pool, database_
     )
     assert Notification.decode(json.dumps(heard[0])) == python
     assert [getattr(account, name) for name in ACCOUNT_ROW_FIELDS] == heard[0]["account_rows"][0]
+
+
+@pytest.mark.parametrize("accounts", [NOTIFY_MAX_ROWS + 1, NOTIFY_MAX_KEYS + 1])
+async def test_a_large_commit_notifies_within_the_python_limits(
+    pool: asyncpg.Pool, database_url: str, accounts: int
+) -> None:
+    """Past NOTIFY_MAX_ROWS accounts the SQL names them; past NOTIFY_MAX_KEYS it asks for a
+    full reload: the same payload the Python append path sends for the same change."""
+    names = [f"acct_l{i:03d}" for i in range(accounts)]
+    await fund(pool, dict.fromkeys(names, 10))
+    heard: list[str] = []
+    listener = await db.connect(database_url)
+    await listener.add_listener(db.CHANGES_CHANNEL, lambda *args: heard.append(args[3]))
+    try:
+        outcomes = await commit(Reservations(pool, ttl_seconds=60), [(a, 1, None) for a in names])
+        assert all(o.reservation is not None for o in outcomes)
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await listener.close()
+    async with pool.acquire() as conn:
+        head = await event_store.read_head(conn)
+        rows = await projections.load_accounts(conn, names)
+    state = State(accounts={a.account_id: a for a in rows})
+    python = notify_payload(head.position, Changes(accounts=set(names)), state)
+    assert python.all == (accounts > NOTIFY_MAX_KEYS)
+    assert not python.account_rows
+    assert [Notification.decode(text) for text in heard] == [python]
 
 
 async def test_the_chain_and_content_hashes_are_the_same_in_sql_and_python(
