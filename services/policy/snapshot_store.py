@@ -101,6 +101,11 @@ class SnapshotStore:
         self.health = LoopHealth("snapshot")
 
     @property
+    def state(self) -> State:
+        """The projections the snapshot indexes (no reservations: decisions need none)."""
+        return self._state
+
+    @property
     def position(self) -> int:
         return self.snapshot.position if self.snapshot is not None else 0
 
@@ -166,7 +171,7 @@ class SnapshotStore:
     async def _reload_all(self, conn: asyncpg.Connection) -> None:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             head = await event_store.read_head(conn)
-            state = await projections.load_all(conn)
+            state = await projections.load_all(conn, reservations=False)
         self._state = state
         await self._publish(head.position)
         log.info("snapshot loaded", position=head.position, accounts=len(state.accounts))

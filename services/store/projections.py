@@ -88,8 +88,10 @@ async def load_state(conn: asyncpg.Connection, keys: StateKeys) -> State:
     return state
 
 
-async def load_all(conn: asyncpg.Connection) -> State:
-    """Every projection row, as the fold's state (verify and the policy snapshot use this)."""
+async def load_all(conn: asyncpg.Connection, *, reservations: bool = True) -> State:
+    """Every projection row, as the fold's state (verify and replay use this). Without
+    `reservations` (the policy snapshot, which decides without them) the reservations, every
+    hold ever made, are left out: they grow with the history, the rest with the accounts."""
     state = State()
     for row in await conn.fetch(_SELECT_ACCOUNTS):
         state.accounts[row["account_id"]] = _account(row)
@@ -102,9 +104,10 @@ async def load_all(conn: asyncpg.Connection) -> State:
     for row in await conn.fetch("SELECT * FROM rate_limits"):
         limit = _rate_limit(row)
         state.rate_limits[(limit.account_id, limit.model)] = limit
-    for row in await conn.fetch("SELECT * FROM reservations"):
-        reservation = reservation_from_row(row)
-        state.reservations[reservation.reservation_id] = reservation
+    if reservations:
+        for row in await conn.fetch("SELECT * FROM reservations"):
+            reservation = reservation_from_row(row)
+            state.reservations[reservation.reservation_id] = reservation
     return state
 
 
