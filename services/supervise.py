@@ -36,8 +36,6 @@ DATABASE_ERRORS: Final = (
     OSError,
     TimeoutError,
 )
-#: What a lost or paused broker raises (aiokafka retries connections itself).
-BROKER_ERRORS: Final = (KafkaError, OSError, TimeoutError)
 #: Everything a supervised loop retries; anything else is a bug or a fault it cannot survive.
 TRANSIENT_ERRORS: Final = (*DATABASE_ERRORS, KafkaError)
 

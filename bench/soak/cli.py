@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -24,7 +23,7 @@ from bench.infra import Infra, add_infra_arguments, infrastructure, say
 from bench.soak import results
 from bench.soak.load import CONNECTIONS, MIX, Load
 from services.contract.samples import recharge, token_issued
-from services.infra.postgres import with_database
+from services.infra.postgres import connections_refused
 from services.infra.processes import QuotaProcesses
 from services.settings import Settings, asyncpg_dsn
 
@@ -82,21 +81,8 @@ def world(accounts: int) -> list[dict[str, Any]]:
 
 async def database_outage(database_url: str, seconds: float) -> None:
     """Refuse new connections to the database and end the open ones, for `seconds`."""
-    name = urlsplit(database_url).path.lstrip("/")
-    conn = await asyncpg.connect(asyncpg_dsn(with_database(database_url, "postgres")))
-    try:
-        await conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-        try:
-            await conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
-            await asyncio.sleep(seconds)
-        finally:
-            await conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-    finally:
-        await conn.close()
+    async with connections_refused(database_url):
+        await asyncio.sleep(seconds)
 
 
 async def broker_pause(pid: int, seconds: float) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import os
 import socket
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -218,3 +219,37 @@ def _start_embedded(workdir: Path) -> PostgresHandle:
         server.cleanup()
         raise PostgresStartError(f"embedded PostgreSQL started but {url} fails: {error}")
     return PostgresHandle(url, "embedded", server.cleanup)
+
+
+@contextlib.asynccontextmanager
+async def connections_refused(database_url: str, *, role: str | None = None) -> AsyncIterator[None]:
+    """PostgreSQL refuses the database of `database_url` (or, given `role`, only that role's
+    logins) and ends every session it had, until the block ends: what a short outage or a
+    failover looks like to the services. The fault tests and `bench.soak` cause it with this."""
+    import asyncpg
+
+    name = urlsplit(database_url).path.lstrip("/")
+    admin = await asyncpg.connect(asyncpg_dsn(with_database(database_url, "postgres")))
+    try:
+        if role is None:
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+        else:
+            await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                role,
+            )
+        try:
+            yield
+        finally:
+            if role is None:
+                await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+            else:
+                await admin.execute(f'ALTER ROLE "{role}" LOGIN')
+    finally:
+        await admin.close()

@@ -296,23 +296,18 @@ class LedgerConsumer:
                 log.warning("offset commit fenced; dropping stale partitions", error=str(exc))
                 self._resync_needed = True
                 return False
-            except DATABASE_ERRORS as exc:
-                # Rolled back: nothing of the batch is stored. Offsets are re-read (and the
-                # records fetched again) once the database answers.
-                metrics.BATCH_FAILURES.inc()
-                self._retry_delay = self.health.failed("commit batch", exc)
-                self._resync_needed = True
-                return False
             except Exception as exc:
-                # Of no known kind, yet rolled back all the same: retried like the others,
-                # with its traceback logged; past UNKNOWN_FAILURE_LIMIT in a row it is a fault
-                # this process cannot survive (the lifespan exits it, non-zero).
-                self._unknown_failures += 1
-                log.exception(
-                    "batch failed with an unexpected error", attempt=self._unknown_failures
-                )
-                if self._unknown_failures >= UNKNOWN_FAILURE_LIMIT:
-                    raise
+                # Rolled back: nothing of the batch is stored. Offsets are re-read (and the
+                # records fetched again) once the database answers. A failure of no known kind
+                # is retried too, its traceback logged; past UNKNOWN_FAILURE_LIMIT of those in
+                # a row it is a fault this process cannot survive (the lifespan exits it).
+                if not isinstance(exc, DATABASE_ERRORS):
+                    self._unknown_failures += 1
+                    log.exception(
+                        "batch failed with an unexpected error", attempt=self._unknown_failures
+                    )
+                    if self._unknown_failures >= UNKNOWN_FAILURE_LIMIT:
+                        raise
                 metrics.BATCH_FAILURES.inc()
                 self._retry_delay = self.health.failed("commit batch", exc)
                 self._resync_needed = True

@@ -133,6 +133,10 @@ def reservation_body(reservation: Reservation) -> dict[str, Any]:
     }
 
 
+def _unknown_reservation(reservation_id: str) -> Response:
+    return error_response(404, "unknown_reservation", f"unknown reservation {reservation_id}")
+
+
 async def _reservation_unavailable(request: Request, exc: Exception) -> Response:
     """A reservation read or release that met a lost or refusing database: 503, retry."""
     log.warning("database unavailable", path=request.url.path, error=str(exc))
@@ -191,9 +195,7 @@ def _routes(app: FastAPI) -> None:
             return decision_response(refused)
         reservation = await policy.get_reservation(reservation_id)
         if reservation is None:
-            return error_response(
-                404, "unknown_reservation", f"unknown reservation {reservation_id}"
-            )
+            return _unknown_reservation(reservation_id)
         return JSONResponse(reservation_body(reservation))
 
     @app.post(
@@ -215,9 +217,7 @@ def _routes(app: FastAPI) -> None:
             return decision_response(refused)
         reservation = await policy.release(reservation_id)
         if reservation is None:
-            return error_response(
-                404, "unknown_reservation", f"unknown reservation {reservation_id}"
-            )
+            return _unknown_reservation(reservation_id)
         status = 200 if reservation.state == "released" else 409
         return JSONResponse(reservation_body(reservation), status_code=status)
 

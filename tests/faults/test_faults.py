@@ -10,8 +10,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -21,6 +19,7 @@ import httpx
 import pytest
 
 from services.infra.broker import TansuBroker, free_port
+from services.infra.postgres import connections_refused
 from services.infra.topics import ensure_topic
 from services.settings import Settings
 from tests.builders import (
@@ -63,46 +62,10 @@ def ask(cost: int | None = None, request_id: str | None = None) -> dict[str, Any
     return body
 
 
-def database_name(url: str) -> str:
-    return urlsplit(url).path.lstrip("/")
-
-
 def as_user(url: str, user: str) -> str:
     parts = urlsplit(url)
     host = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
-
-
-@asynccontextmanager
-async def connections_refused(
-    server_url: str, database: str, role: str | None = None
-) -> AsyncIterator[None]:
-    """PostgreSQL refuses `database` (or only `role`) and drops every session it had, until
-    the block ends: what a short outage or failover looks like to the services."""
-    admin = await asyncpg.connect(server_url)
-    try:
-        if role is None:
-            await admin.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = $1 AND pid <> pg_backend_pid()",
-                database,
-            )
-        else:
-            await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
-                role,
-            )
-        try:
-            yield
-        finally:
-            if role is None:
-                await admin.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
-            else:
-                await admin.execute(f'ALTER ROLE "{role}" LOGIN')
-    finally:
-        await admin.close()
 
 
 async def start_fleet(
@@ -157,16 +120,12 @@ async def expect_suspension_seen(policies: list[QuotaProcess], bootstrap: str, t
 
 @pytest.mark.timeout(240)
 async def test_a_database_outage_while_events_flow_loses_and_doubles_nothing(
-    settings: Settings,
-    pool: asyncpg.Pool,
-    quota_processes: QuotaProcesses,
-    postgres_server_url: str,
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
 ) -> None:
     ledger, policies = await start_fleet(
         quota_processes, pool, 2, max_staleness_seconds=60, reservation_ttl_seconds=3
     )
     usages = [usage(ACCOUNT, 1) for _ in range(3000)]
-    database = database_name(settings.database_url)
     async with httpx.AsyncClient(base_url=policies[1].url, timeout=10) as client:
         # One hold to expire during the outage, one to release during it.
         expiring = (await client.post("/authorize", json=ask(5, "req-expiring"))).json()
@@ -181,7 +140,7 @@ async def test_a_database_outage_while_events_flow_loses_and_doubles_nothing(
 
     producing = asyncio.create_task(produce_slowly())
     await asyncio.sleep(1.0)
-    async with connections_refused(postgres_server_url, database):
+    async with connections_refused(settings.database_url):
         outage_started = time.monotonic()
         await wait_for(
             lambda: _equals(status_of(ledger.url), 503),
@@ -265,7 +224,7 @@ async def test_a_ledger_whose_connections_are_refused_looks_stale_then_recovers(
         await quota_processes.wait_ready(policy, 4)
         async with httpx.AsyncClient(base_url=policy.url, timeout=5) as client:
             assert (await client.post("/authorize", json=ask())).status_code == 200
-            async with connections_refused(postgres_server_url, "", role=role):
+            async with connections_refused(settings.database_url, role=role):
                 stalled = time.monotonic()
                 # Events keep coming: the ledger cannot fold them.
                 await produce(settings.kafka_bootstrap, settings.topic, [usage(ACCOUNT, 7)])
