@@ -4,6 +4,7 @@
     python3 bootstrap.py dev [args...]    ->  .venv/bin/quota dev [args...]
     python3 bootstrap.py test [args...]   ->  .venv/bin/python scripts/run_tests.py [args...]
     python3 bootstrap.py lock [args...]   ->  pip-compile [args...]: refresh requirements/lock.txt
+                                              and requirements/runtime.txt
 
 Standard library only, so it runs on a bare `python3` (3.11 or newer). `.venv` is created when
 missing. Its packages come from requirements/lock.txt, each pinned with its hashes: first pip
@@ -15,7 +16,10 @@ the lock changed since the last successful install (their SHA-256 is kept in
 `lock` installs pip-tools into `.venv` when missing and runs pip-compile over pyproject.toml
 (with the `dev` extra) and requirements/pip.in; its arguments go to pip-compile (`--upgrade`,
 `--upgrade-package NAME`). pyproject.toml keeps the ranges people chose; the lock pins exactly,
-resolved for CPython 3.11 on Linux x86_64, what CI and every machine here run.
+resolved for CPython 3.11 on Linux x86_64, what CI and every machine here run. It then writes
+requirements/runtime.txt, the container image's lock: the same pins and hashes for the runtime
+dependencies only (no `dev` extra), resolved with requirements/lock.txt as its constraints, so
+the image never runs a version that CI did not.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".quota-install-stamp"
 PYPROJECT = ROOT / "pyproject.toml"
 LOCK = ROOT / "requirements" / "lock.txt"
+#: The Dockerfile's lock: runtime dependencies and pip, a subset of LOCK's pins.
+RUNTIME_LOCK = ROOT / "requirements" / "runtime.txt"
 #: pip itself, pinned in the lock beside the project's packages (pip-compile leaves it out
 #: unless asked for it).
 PIP_IN = ROOT / "requirements" / "pip.in"
@@ -47,7 +53,6 @@ PIP_COMPILE_FLAGS = (
     "--generate-hashes",
     "--allow-unsafe",  # pip's own pin
     "--strip-extras",
-    "--extra=dev",
     "--no-emit-index-url",
     "--no-emit-find-links",
 )
@@ -177,22 +182,33 @@ def lock(pip_compile_args: list[str]) -> None:
     if not pip_compile.exists():
         say(f"installing {PIP_TOOLS} into .venv")
         run_quietly([*pip_command(), "install", PIP_TOOLS], "installing pip-tools")
-    command = [
-        str(pip_compile),
+    inputs = [str(PYPROJECT.relative_to(ROOT)), str(PIP_IN.relative_to(ROOT))]
+    compile_into(
+        LOCK, [str(pip_compile), "--extra=dev", *pip_compile_args, *inputs], "a few minutes"
+    )
+    say(f"wrote {LOCK.relative_to(ROOT)}; the next `dev` or `test` installs it")
+    # Every pin comes from LOCK (`--constraint`); `--upgrade` only stops RUNTIME_LOCK's own old
+    # pins from being preferred, so it is always exactly LOCK's subset.
+    constraint = f"--constraint={LOCK.relative_to(ROOT)}"
+    compile_into(RUNTIME_LOCK, [str(pip_compile), constraint, "--upgrade", *inputs], "a minute")
+    say(f"wrote {RUNTIME_LOCK.relative_to(ROOT)}; the Dockerfile installs it")
+
+
+def compile_into(output: Path, command: list[str], duration: str) -> None:
+    """Run pip-compile (`command`: its path, then arguments) with the lock's flags into `output`."""
+    args = [
+        command[0],
         "--quiet",
         *PIP_COMPILE_FLAGS,
-        f"--output-file={LOCK.relative_to(ROOT)}",
-        *pip_compile_args,
-        str(PYPROJECT.relative_to(ROOT)),
-        str(PIP_IN.relative_to(ROOT)),
+        f"--output-file={output.relative_to(ROOT)}",
+        *command[1:],
     ]
-    say(f"resolving (a few minutes): {' '.join(command[1:])}")
+    say(f"resolving ({duration}): {' '.join(args[1:])}")
     env = {**os.environ, "CUSTOM_COMPILE_COMMAND": "python3 bootstrap.py lock"}
-    result = subprocess.run(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, check=False)
+    result = subprocess.run(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, check=False)
     if result.returncode != 0:
-        say(f"pip-compile failed (exit code {result.returncode})")
+        say(f"pip-compile failed (exit code {result.returncode}) writing {output.name}")
         sys.exit(result.returncode)
-    say(f"wrote {LOCK.relative_to(ROOT)}; the next `dev` or `test` installs it")
 
 
 def main(argv: list[str]) -> None:

@@ -9,10 +9,12 @@ import typer
 import uvicorn
 from fastapi import FastAPI
 
+from services.ledger.keys_cli import key_app
 from services.logs import configure_logging
 from services.settings import Settings
 
 app = typer.Typer(help="Event-sourced quota and permission service.", no_args_is_help=True)
+app.add_typer(key_app, name="key")
 
 Host = Annotated[str, typer.Option(help="Address to listen on.")]
 

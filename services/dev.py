@@ -15,7 +15,8 @@ import uvicorn
 from services.contract.cloudevent import decode_http_object
 from services.infra.broker import TansuBroker
 from services.infra.postgres import find_or_start_postgres, with_database
-from services.ledger.app import create_app, publish
+from services.ledger.app import create_app
+from services.ledger.wire import publish
 from services.logs import configure_logging
 from services.migrate import upgrade
 from services.policy.app import create_app as create_policy_app

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     reservation_ttl_seconds: float = Field(default=300.0, gt=0)
     #: How long a starting process waits for PostgreSQL (and the ledger for the broker).
     startup_timeout_seconds: float = Field(default=60.0, gt=0)
+    #: How long `POST /keys` (and rotate, revoke) wait for their event to be applied.
+    key_apply_timeout_seconds: float = Field(default=15.0, gt=0)
+    #: Where `quota key ...` finds the ledger's API.
+    ledger_url: str = "http://127.0.0.1:8080"
     log_level: str = "INFO"
     log_json: bool = True
     access_log: bool = False

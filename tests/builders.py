@@ -12,7 +12,16 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from services.contract.samples import binary, cloud_event, recharge, structured, token_issued, usage
+from services.contract.samples import (
+    binary,
+    budget_set,
+    cloud_event,
+    limits_set,
+    recharge,
+    structured,
+    token_issued,
+    usage,
+)
 from services.ledger.audit import verify
 from services.ledger.replay import replay
 from services.store import event_store
@@ -20,7 +29,9 @@ from services.store import event_store
 __all__ = [
     "assert_history_clean",
     "binary",
+    "budget_set",
     "cloud_event",
+    "limits_set",
     "produce",
     "produce_raw",
     "recharge",

@@ -94,14 +94,16 @@ class Scenario:
     warmup_bodies: tuple[bytes, ...] = ()
 
 
-def hold_bodies(*, warmup: bool = False) -> tuple[bytes, ...]:
+def hold_bodies(*, warmup: bool = False, budgeted: bool = False) -> tuple[bytes, ...]:
     """The reservation scenario's bodies, one per hold account (warm-up: accounts of its own)."""
-    keys = (world.hold_key(i, warmup=warmup) for i in range(world.HOLD_ACCOUNTS))
+    keys = (world.hold_key(i, warmup=warmup, budgeted=budgeted)
+            for i in range(world.HOLD_ACCOUNTS))  # fmt: skip
     return tuple(world.encode(world.reserve_body(key)) for key in keys)
 
 
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
     allowed = (world.encode(world.authorize_body(world.ALLOWED_KEY)),)
+    budgeted = (world.encode(world.authorize_body(world.BUDGETED_KEY)),)
     denied = (world.encode(world.authorize_body(world.POOR_KEY)),)
     c, t = args.connections, args.threads
     runs = [
@@ -112,8 +114,13 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
                  "insufficient_user_quota", c, t),
         Scenario("baseline", "baseline: FastAPI + PostgreSQL", "/baseline", allowed, 200, None,
                  c, t),
+        Scenario("budgeted", "/authorize allowed, 3 budgets + a cap", "/authorize", budgeted,
+                 200, "allowed", c, t),
         Scenario("reserve", f"/authorize + hold ({world.HOLD_ACCOUNTS} accounts)", "/authorize",
                  hold_bodies(), 200, "allowed", c, t, hold_bodies(warmup=True)),
+        Scenario("reserve_budgeted", "/authorize + hold, 3 budgets + a cap", "/authorize",
+                 hold_bodies(budgeted=True), 200, "allowed", c, t,
+                 hold_bodies(warmup=True, budgeted=True)),
         Scenario("allowed_1conn", "/authorize allowed, 1 connection", "/authorize", allowed, 200,
                  "allowed", 1, 1),
     ]  # fmt: skip
@@ -199,14 +206,45 @@ WHERE a.held IS DISTINCT FROM coalesce(r.amount, 0)
 STATES_SQL: Final = """
 SELECT state, count(*) AS n FROM reservations WHERE account_id = ANY($1::text[]) GROUP BY state
 """
+#: Budgets whose spend this period plus held passes their amount, or whose `held` is not the
+#: sum of the held reservations they cover; accounts and tokens past their concurrency caps.
+OVER_BUDGET_SQL: Final = """
+SELECT b.budget_id, b.amount, b.held, coalesce(s.spent, 0) AS spent, coalesce(r.sum, 0) AS sum
+FROM budgets b
+LEFT JOIN budget_spend s ON s.budget_id = b.budget_id
+     AND s.period_start = quota_period_start(b.period, b.timezone, now())
+LEFT JOIN LATERAL (
+    SELECT sum(amount)::bigint AS sum FROM reservations r
+    WHERE r.account_id = b.account_id AND r.state = 'held'
+      AND (b.token_id IS NULL OR r.token_id = b.token_id)
+      AND (b.model IS NULL OR r.model = b.model)) r ON true
+WHERE coalesce(s.spent, 0) + b.held > b.amount OR b.held <> coalesce(r.sum, 0)
+"""
+OVER_CAP_SQL: Final = """
+SELECT account_id AS id, holds AS n, max_concurrent FROM accounts WHERE holds > max_concurrent
+UNION ALL
+SELECT t.token_id, count(*), t.max_concurrent FROM tokens t
+JOIN reservations r ON r.token_id = t.token_id AND r.state = 'held'
+GROUP BY t.token_id, t.max_concurrent HAVING count(*) > t.max_concurrent
+"""
+BUDGETED_HOLDS_SQL: Final = """
+SELECT count(*) AS holds, count(DISTINCT b.budget_id) AS budgets, coalesce(sum(b.held), 0) AS held
+FROM budgets b WHERE b.account_id = ANY($1::text[])
+"""
 
 
-async def no_overdraft(conn: asyncpg.Connection, reserve: dict[str, Any] | None) -> list[Check]:
+async def no_overdraft(conn: asyncpg.Connection, answered: tuple[int, int] | None) -> list[Check]:
     """After the run: no account holds more than its balance, `accounts.held` is the sum of its
-    held reservations, the measured accounts hold one reservation per 200 answer (none ended),
-    and `verify` (chain and re-fold of the whole history) agrees."""
-    measured = [world.hold_account(i) for i in range(world.HOLD_ACCOUNTS)]
+    held reservations, no budget or cap is passed, the measured accounts hold one reservation
+    per 200 answer of the hold rows (`answered`: their 200s and connections; none ended), and
+    `verify` (chain and re-fold of the whole history) agrees."""
+    measured = [world.hold_account(i, budgeted=b) for i in range(world.HOLD_ACCOUNTS)
+                for b in (False, True)]  # fmt: skip
     overdrawn = [r["account_id"] for r in await conn.fetch(OVERDRAWN_SQL)]
+    over_budget = [dict(r) for r in await conn.fetch(OVER_BUDGET_SQL)]
+    over_cap = [dict(r) for r in await conn.fetch(OVER_CAP_SQL)]
+    budgeted = [world.hold_account(i, budgeted=True) for i in range(world.HOLD_ACCOUNTS)]
+    weighed = await conn.fetchrow(BUDGETED_HOLDS_SQL, budgeted)
     mismatched = [dict(r) for r in await conn.fetch(HELD_MISMATCH_SQL)]
     states = {r["state"]: r["n"] for r in await conn.fetch(STATES_SQL, measured)}
     started = time.perf_counter()
@@ -218,19 +256,24 @@ async def no_overdraft(conn: asyncpg.Connection, reserve: dict[str, Any] | None)
               f"{len(overdrawn)} accounts overdrawn {overdrawn[:5]}"),
         Check("no overdraft: accounts.held = sum of held reservations, per account",
               not mismatched, f"{len(mismatched)} accounts differ {mismatched[:5]}"),
+        Check("no overshoot: spent + held <= amount and held = its holds, every budget",
+              not over_budget, f"{weighed['budgets']} budgets of the budgeted hold accounts "
+              f"hold {weighed['held']:,}; {len(over_budget)} over {over_budget[:3]}"),
+        Check("no overshoot: active holds <= max_concurrent, every account and token",
+              not over_cap, f"{len(over_cap)} over {over_cap[:3]}"),
         Check("no overdraft: no hold of the measured accounts ended", not states,
               f"ended: {states or 'none'} (TTL {RESERVATION_TTL_SECONDS} s)"),
         Check("no overdraft: ledger verify (chain and re-fold) ok", audit.ok,
               f"{audit.events_checked:,} events re-folded in {seconds:.1f}s; "
               f"differences {audit.differences[:3]}"),
     ]  # fmt: skip
-    if reserve is not None:
+    if answered is not None:
         # wrk counts only answers that arrived before it stopped; requests still in flight
         # then (at most one per connection) were held by the server, unseen.
-        extra, cap = held - reserve["responses_2xx"], reserve["connections"]
+        extra = held - answered[0]
         checks.append(Check(
-            f"no overdraft: held reservations = wrk's 200 answers (+ <= {cap} cut off)",
-            0 <= extra <= cap, f"{held:,} held = {reserve['responses_2xx']:,} answered + {extra}",
+            f"no overdraft: held reservations = wrk's 200 answers (+ <= {answered[1]} cut off)",
+            0 <= extra <= answered[1], f"{held:,} held = {answered[0]:,} answered + {extra}",
         ))  # fmt: skip
     return checks
 
@@ -310,8 +353,13 @@ async def _bench(args: argparse.Namespace, infra: Infra, binary: str) -> dict[st
                     infra.bootstrap, settings.topic, commits, client, args.fresh_events, head
                 )
             step("no overdraft: holds against balances, the reservations table, verify")
-            reserve = next((row for row in rows if row["name"] == "reserve"), None)
-            checks += await no_overdraft(conn, reserve)
+            holding = [row for row in rows if row["name"] in ("reserve", "reserve_budgeted")]
+            answered = (
+                (sum(r["responses_2xx"] for r in holding), sum(r["connections"] for r in holding))
+                if len(holding) == 2
+                else None
+            )
+            checks += await no_overdraft(conn, answered)
         version = await conn.fetchval("SHOW server_version")
         rejected = await conn.fetchval("SELECT count(*) FROM rejected_events")
     finally:
@@ -353,6 +401,14 @@ def _targets(rows: list[dict[str, Any]], freshness: dict[str, Any]) -> list[dict
         ("allowed rps / ceiling rps", ratio("allowed", "ceiling"), ">=", 0.5, "x"),
         ("allowed rps / baseline rps", ratio("allowed", "baseline"), ">=", 4.0, "x"),
         ("reserve rps / baseline rps", ratio("reserve", "baseline"), ">=", 1.0, "x"),
+        ("budgeted rps / allowed rps", ratio("budgeted", "allowed"), ">=", 0.9, "x"),
+        (
+            "reserve budgeted rps / reserve rps",
+            ratio("reserve_budgeted", "reserve"),
+            ">=",
+            0.9,
+            "x",
+        ),
         ("allowed p99 latency", p99.get("allowed"), "<=", 3.0, "ms"),
         ("denied p99 latency", p99.get("denied"), "<=", 3.0, "ms"),
         ("freshness p99 (produce -> snapshot)", freshness["total_ms"]["p99"], "<=", 100.0, "ms"),
@@ -403,7 +459,7 @@ def _render(result: dict[str, Any]) -> str:
     checks = result["checks"]
     failed = sum(1 for c in checks if not c["ok"])
     shown = [[c["name"], "PASS" if c["ok"] else "FAIL", c["detail"][:100]] for c in checks
-             if c["name"].startswith("no overdraft") or not c["ok"]]  # fmt: skip
+             if c["name"].startswith(("no overdraft", "no overshoot")) or not c["ok"]]  # fmt: skip
     title = f"No overdraft after the run, and any failed check ({failed} of {len(checks)} failed)"
     parts.append(report.grid(["check", "result", "detail"], shown, title))
     allowed = next((r for r in result["scenarios"] if r["name"] == "allowed"), None)

@@ -11,7 +11,7 @@ import json
 import uuid
 from typing import Any, Final
 
-from services.contract.samples import cloud_event, recharge, token_issued
+from services.contract.samples import budget_set, cloud_event, recharge, token_issued
 
 MODEL: Final = "gpt-4o"
 ROUTE: Final = "/v1/chat/completions"
@@ -30,12 +30,38 @@ HOLD_COST: Final = 100
 BIG_BALANCE: Final = 10**15
 
 
-def hold_account(index: int, *, warmup: bool = False) -> str:
-    return f"acct_bench_hold_{'warm' if warmup else 'run'}_{index:02d}"
+#: The budgeted rows' accounts: three covering budgets (a day budget in UTC, a week budget for
+#: the model in another zone, a month budget of the token) and a cap on concurrent holds, all
+#: too large to be used up in a run, so each decision weighs them and none is refused.
+BUDGETED_ACCOUNT: Final = "acct_bench_budgeted"
+BUDGETED_KEY: Final = "sk-bench-budgeted-00000000000000000000003"
+BUDGET_AMOUNT: Final = 10**14
+MAX_CONCURRENT: Final = 10**9
 
 
-def hold_key(index: int, *, warmup: bool = False) -> str:
-    return f"sk-bench-hold-{'warm' if warmup else 'run'}-{index:02d}-{uuid.UUID(int=index).hex}"
+def hold_account(index: int, *, warmup: bool = False, budgeted: bool = False) -> str:
+    kind = "budgeted_" if budgeted else ""
+    return f"acct_bench_hold_{kind}{'warm' if warmup else 'run'}_{index:02d}"
+
+
+def hold_key(index: int, *, warmup: bool = False, budgeted: bool = False) -> str:
+    kind = "budgeted-" if budgeted else ""
+    phase = "warm" if warmup else "run"
+    return f"sk-bench-hold-{kind}{phase}-{index:02d}-{uuid.UUID(int=index).hex}"
+
+
+def budgeted_events(account: str, key: str) -> list[dict[str, Any]]:
+    """A funded account whose token has a concurrency cap, under three covering budgets."""
+    token_id = f"tok_{account}"
+    return [
+        recharge(account, BIG_BALANCE),
+        token_issued(account, token_id, key, max_concurrent=MAX_CONCURRENT),
+        budget_set(account, f"{account}-day", BUDGET_AMOUNT, "day"),
+        budget_set(account, f"{account}-week", BUDGET_AMOUNT, "week", model=MODEL,
+                   timezone="America/New_York"),
+        budget_set(account, f"{account}-month", BUDGET_AMOUNT, "month", scope="token",
+                   token_id=token_id, timezone="Europe/Berlin"),
+    ]  # fmt: skip
 
 
 def filler_account(index: int) -> str:
@@ -62,11 +88,14 @@ def world_events(accounts: int) -> list[dict[str, Any]]:
     events.append(recharge(ALLOWED_ACCOUNT, BIG_BALANCE))
     events.append(token_issued(ALLOWED_ACCOUNT, "tok_bench_allowed", ALLOWED_KEY))
     events.append(token_issued("acct_bench_poor", "tok_bench_poor", POOR_KEY))
+    events += budgeted_events(BUDGETED_ACCOUNT, BUDGETED_KEY)
     for warmup in (False, True):
         for index in range(HOLD_ACCOUNTS):
             account, key = hold_account(index, warmup=warmup), hold_key(index, warmup=warmup)
             events.append(recharge(account, BIG_BALANCE))
             events.append(token_issued(account, f"tok_{account}", key))
+            account = hold_account(index, warmup=warmup, budgeted=True)
+            events += budgeted_events(account, hold_key(index, warmup=warmup, budgeted=True))
     return events
 
 

@@ -7,6 +7,7 @@ in an amount is bad data, not something to coerce.
 from __future__ import annotations
 
 import ipaddress
+import zoneinfo
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
@@ -31,6 +32,8 @@ ROLE_RANK: Final[dict[str, int]] = {"guest": 0, "user": 1, "admin": 10, "root": 
 Amount = Annotated[StrictInt, Field(gt=0, le=INT64_MAX)]
 NonNegativeAmount = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
 Name = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+MaxConcurrent = Annotated[StrictInt, Field(gt=0, le=2**31 - 1)]
+KeySha256 = Annotated[StrictStr, Field(pattern=r"^[0-9a-fA-F]{64}$")]
 
 
 def _check_cidr(value: str) -> str:
@@ -98,18 +101,68 @@ class AccountGroupChanged(EventData):
 
 
 class AccountRateLimitSet(EventData):
+    """`requests` allowed decisions, and at most `units` of their `estimated_cost` summed, per
+    window; both 0 (or `units` absent) removes the limit."""
+
     model: Name
     requests: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
     window_seconds: Annotated[StrictInt, Field(gt=0, le=10 * 365 * 86400)]
+    units: Annotated[StrictInt, Field(ge=0, le=INT64_MAX)] | None = None
+
+
+class AccountLimitsSet(EventData):
+    """`max_concurrent`: at most that many active holds of the account at once (null removes)."""
+
+    max_concurrent: MaxConcurrent | None = None
+
+
+BudgetPeriod = Literal["day", "week", "month", "total"]
+
+
+def _check_timezone(value: str) -> str:
+    """An IANA time zone name this machine knows (`Europe/Berlin`, `UTC`)."""
+    if not value or len(value) > 64 or value.startswith(("/", ".")) or ".." in value:
+        raise ValueError(f"not an IANA time zone: {value!r}")
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        raise ValueError(f"not an IANA time zone: {value!r}") from exc
+    return value
+
+
+class BudgetSet(EventData):
+    """A spending cap per period for the account, or for one of its tokens; optionally for one
+    model. The same `budget_id` replaces it."""
+
+    budget_id: Name
+    scope: Literal["account", "token"]
+    token_id: Name | None = None
+    model: Name | None = None
+    amount: Amount
+    period: BudgetPeriod
+    timezone: Annotated[StrictStr, AfterValidator(_check_timezone)] = "UTC"
+
+    @model_validator(mode="after")
+    def _token_scope(self) -> BudgetSet:
+        if self.scope == "token" and self.token_id is None:
+            raise ValueError("a token budget needs token_id")
+        if self.scope == "account" and self.token_id is not None:
+            raise ValueError("an account budget takes no token_id")
+        return self
+
+
+class BudgetRemoved(EventData):
+    budget_id: Name
 
 
 class TokenIssued(EventData):
     token_id: Name
-    key_sha256: Annotated[StrictStr, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+    key_sha256: KeySha256
     key_last6: Annotated[StrictStr, Field(min_length=1, max_length=6)]
     expires_at: AwareDatetime | None = None
     allowed_cidrs: list[Cidr] = Field(default_factory=list)
     allowed_models: list[Name] = Field(default_factory=list)
+    max_concurrent: MaxConcurrent | None = None
 
 
 class TokenUpdated(EventData):
@@ -117,6 +170,16 @@ class TokenUpdated(EventData):
     expires_at: AwareDatetime | None = None
     allowed_cidrs: list[Cidr] | None = None
     allowed_models: list[Name] | None = None
+    max_concurrent: MaxConcurrent | None = None
+
+
+class TokenRotated(EventData):
+    """A new key for the same token; the previous key works until `previous_valid_until`."""
+
+    token_id: Name
+    key_sha256: KeySha256
+    key_last6: Annotated[StrictStr, Field(min_length=1, max_length=6)]
+    previous_valid_until: AwareDatetime
 
 
 class TokenRevoked(EventData):
@@ -176,6 +239,9 @@ class ReservationHeld(EventData):
     expires_at: AwareDatetime
     request_id: Name | None = None
     actor: StrictStr
+    #: What the hold is for: budgets and concurrency caps count it by these.
+    token_id: Name | None = None
+    model: Name | None = None
 
 
 class ReservationSettled(EventData):
@@ -213,8 +279,12 @@ ACCOUNT_EVENTS: Final[dict[str, type[EventData]]] = {
     "quota.account.role_changed": AccountRoleChanged,
     "quota.account.group_changed": AccountGroupChanged,
     "quota.account.rate_limit_set": AccountRateLimitSet,
+    "quota.account.limits_set": AccountLimitsSet,
+    "quota.budget.set": BudgetSet,
+    "quota.budget.removed": BudgetRemoved,
     "quota.token.issued": TokenIssued,
     "quota.token.updated": TokenUpdated,
+    "quota.token.rotated": TokenRotated,
     "quota.token.revoked": TokenRevoked,
     **RESERVATION_EVENTS,
 }

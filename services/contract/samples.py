@@ -40,8 +40,31 @@ def recharge(account: str, amount: int, **kwargs: Any) -> dict[str, Any]:
     return cloud_event("quota.account.recharged", account, {"amount": amount}, **kwargs)
 
 
-def usage(account: str, amount: int, **kwargs: Any) -> dict[str, Any]:
-    return cloud_event("quota.account.usage_recorded", account, {"amount": amount}, **kwargs)
+def usage(
+    account: str, amount: int, data: dict[str, Any] | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """A usage; `data` adds `model`, `token_id`, `reservation_id`, `request_id`."""
+    payload = {"amount": amount, **(data or {})}
+    return cloud_event("quota.account.usage_recorded", account, payload, **kwargs)
+
+
+def budget_set(
+    account: str,
+    budget_id: str,
+    amount: int,
+    period: str = "day",
+    *,
+    time: str | None = "2026-11-24T12:00:00Z",
+    **data: Any,
+) -> dict[str, Any]:
+    """An account budget (or, with `scope="token"` and `token_id`, a token budget)."""
+    payload = {"budget_id": budget_id, "scope": "account", "amount": amount, "period": period,
+               **data}  # fmt: skip
+    return cloud_event("quota.budget.set", account, payload, time=time)
+
+
+def limits_set(account: str, max_concurrent: int | None) -> dict[str, Any]:
+    return cloud_event("quota.account.limits_set", account, {"max_concurrent": max_concurrent})
 
 
 def token_issued(account: str, token_id: str, key: str, **data: Any) -> dict[str, Any]:

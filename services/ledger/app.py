@@ -1,4 +1,5 @@
-"""The ledger's HTTP side: health, metrics, account reads, quarantine, and `POST /events`."""
+"""The ledger's HTTP side: health, metrics, account reads, quarantine, `POST /events`, and (from
+`keys_api`) the key lifecycle."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from services.contract.cloudevent import Rejection, decode_http_object, encode_s
 from services.contract.events import INT64_MAX, Event
 from services.errors import ApiError, ErrorBody, error_response, install
 from services.infra.topics import ensure_topic, kafka_metadata
-from services.ledger import audit_api, offset_store, ui
+from services.ledger import audit_api, budgets_api, keys_api, offset_store, ui
 from services.ledger import metrics as ledger_metrics
 from services.ledger.api_models import (
     ADMIN_RESPONSES,
@@ -36,6 +37,7 @@ from services.ledger.api_models import (
 from services.ledger.audit import verify
 from services.ledger.consumer import CommittedBatch, LedgerConsumer
 from services.ledger.deps import Admin, Ledger, LedgerDep
+from services.ledger.wire import publish, read_body
 from services.ops import add_ops_routes
 from services.reject_nul import RejectNul
 from services.settings import Settings, asyncpg_dsn
@@ -116,6 +118,8 @@ def create_app(
     )
     _routes(app)
     app.include_router(audit_api.router)
+    app.include_router(keys_api.router)
+    app.include_router(budgets_api.router)
     app.include_router(ui.router)
     app.add_middleware(RejectNul)
     install(app)
@@ -294,18 +298,6 @@ def _routes(app: FastAPI) -> None:
         return JSONResponse({"ids": [event.id for event in events]}, status_code=202)
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it passes `limit` bytes (the rest is not read)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not valid JSON")
 
@@ -368,20 +360,6 @@ def validate_batch(items: list[Any]) -> tuple[list[Event], list[dict[str, Any]]]
             continue
         events.append(event)
     return events, errors
-
-
-async def publish(producer: AIOKafkaProducer, topic: str, events: list[Event]) -> None:
-    """Send in structured mode, keyed by subject so an account's events stay in order."""
-    futures = [
-        await producer.send(
-            topic,
-            key=event.subject.encode(),
-            value=encode_structured(event),
-            headers=[("content-type", b"application/cloudevents+json")],
-        )
-        for event in events
-    ]
-    await asyncio.gather(*futures)
 
 
 def _rejected_item(row: asyncpg.Record) -> dict[str, Any]:

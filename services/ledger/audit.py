@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -117,6 +117,8 @@ def _check_row(walk: _Walk, row: Mapping[str, Any]) -> _Pending | None:
             walk.add(f"event_store.{column}", where, value, row[column])
     if event.time is not None and row["time"] != event.time:
         walk.add("event_store.time", where, event.time, row["time"])
+    if event.time is None:  # it was folded with the time the ledger received it (stored)
+        event = replace(event, time=row["time"])
     return _Pending(position, event, row["balance_delta"])
 
 
@@ -195,7 +197,17 @@ def compare_states(expected: State, found: State) -> list[dict[str, Any]]:
         lambda key: f"{key[0]}/{key[1]}",
     )
     _compare_table(differences, "reservations", expected.reservations, found.reservations, str)
+    _compare_table(differences, "budgets", expected.budgets, found.budgets, str)
+    spend_key = _spend_name
+    for key in sorted(expected.budget_spend.keys() | found.budget_spend.keys(), key=spend_key):
+        want, have = expected.budget_spend.get(key), found.budget_spend.get(key)
+        if want != have:
+            differences.append(_difference("budget_spend.spent", spend_key(key), want, have))
     return differences
+
+
+def _spend_name(key: tuple[str, datetime]) -> str:
+    return f"{key[0]}/{key[1].isoformat()}"
 
 
 async def refold_history(

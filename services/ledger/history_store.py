@@ -46,7 +46,7 @@ _MONEY_TOTALS: Final = """
 """
 
 _OTHER_EVENTS: Final = """
-    SELECT position, type, subject, payload FROM event_store
+    SELECT position, type, subject, payload, time FROM event_store
     WHERE position <= $1 AND (type <> ALL($2::text[]) OR subject = ANY($3::text[]))
     ORDER BY position
 """
@@ -76,8 +76,8 @@ async def use_snapshot(conn: asyncpg.Connection, snapshot: str) -> None:
 async def holding_subjects(conn: asyncpg.Connection, upto: int) -> list[str]:
     """Accounts that ever held quota up to `upto`."""
     rows = await conn.fetch(
-        "SELECT DISTINCT subject FROM event_store "
-        "WHERE position <= $1 AND type = 'quota.reservation.held'",
+        "SELECT DISTINCT subject FROM event_store WHERE position <= $1"
+        " AND type IN ('quota.reservation.held', 'quota.budget.set')",
         upto,
     )
     return [row["subject"] for row in rows]
@@ -124,7 +124,7 @@ async def stored_ids(conn: asyncpg.Connection, upto: int) -> dict[str, tuple[int
 async def events_between(conn: asyncpg.Connection, after: int, upto: int) -> list[asyncpg.Record]:
     """The stored events after `after` up to `upto`, in position order, with their links."""
     rows: list[asyncpg.Record] = await conn.fetch(
-        "SELECT position, type, subject, payload, content_hash, prev_hash, hash"
+        "SELECT position, type, subject, payload, time, content_hash, prev_hash, hash"
         " FROM event_store WHERE position > $1 AND position <= $2 ORDER BY position",
         after,
         upto,

@@ -28,6 +28,11 @@ BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 POSITION = Gauge("quota_ledger_position", "Last position committed by this process")
+KEY_OPERATIONS = Counter(
+    "quota_ledger_key_operations_total",
+    "Key lifecycle operations applied through the key API (issue, rotate, revoke)",
+    ["operation"],
+)
 
 
 def record_batch(result: BatchResult, records: int, seconds: float) -> None:

@@ -189,8 +189,9 @@ async def refold_store_fast(
         chain = asyncio.create_task(_chain_in_snapshot(dsn, snapshot, upto))
     else:
         differences = await check_chain(conn, upto)
-    # A hold's fold depends on the balance at that point, so accounts that ever held quota are
-    # folded wholly in Python, their money events included.
+    # A hold's fold depends on the balance at that point, and a budget counts usage by time,
+    # so accounts that ever held quota or had a budget are folded wholly in Python, their money
+    # events included.
     money_types = sorted(MONEY_EVENTS)
     holding = await history_store.holding_subjects(conn, upto)
     events = 0
@@ -243,7 +244,8 @@ def _apply_stored(
         if row[column] != value:
             differences.append(_diff(f"event_store.{column}", where, value, row[column]))
     try:
-        apply_event(state, changes, event, row["position"])
+        # The stored time stands for an event that carried none (budgets count usage by time).
+        apply_event(state, changes, event, row["position"], row["time"])
     except FoldError as exc:
         differences.append(_diff("refold.rejected", where, "applied", str(exc)))
 

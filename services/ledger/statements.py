@@ -9,7 +9,10 @@ Semantics, in one place:
 * Every event of the account is an entry, whatever its type: `amount` is the signed amount it
   moved the balance (`balance_delta`), 0 for events that do not touch it (opened, suspended,
   token and reservation events, ...). `balance` is the account's running balance after the
-  entry, in ledger (position) order.
+  entry, in ledger (position) order. So a statement shows every change of the account's caps
+  as an entry of its own type, moving nothing: `quota.budget.set` and `quota.budget.removed`
+  (its budgets, whose subject is the account), `quota.account.limits_set` (`max_concurrent`)
+  and `quota.account.rate_limit_set`; the money figures are the same as without them.
 * A bound is an integer position or an RFC 3339 time with an offset. `since` is inclusive,
   `until` exclusive. A time bound is resolved in ledger order against the account's events:
   the window starts (since) or stops (until) at the account's first event whose `time` is at or

@@ -67,9 +67,21 @@ _RETRY_AFTER: Final = {
     "Retry-After": {"description": "Whole seconds", "schema": {"type": "string"}},
 }
 
+#: Check 14's figures, when the account has a limit for the model and the decision was counted
+#: against it: the cap (requests or units, whichever is closer to used up, or the one that
+#: denied), what is left of it, and the whole seconds until the window holds nothing.
+_RATE_LIMIT: Final = {
+    name: {"description": text, "required": False, "schema": {"type": "string"}}
+    for name, text in (
+        ("X-RateLimit-Limit", "The cap reported: requests or units per window"),
+        ("X-RateLimit-Remaining", "What is left of that cap in the window, after this decision"),
+        ("X-RateLimit-Reset", "Whole seconds until every counted decision has left the window"),
+    )
+}
+
 #: Every answer of `POST /authorize` and forward-auth (CONTRACT §3).
 DECISION_RESPONSES: Final[Responses] = {
-    200: {"model": Allowed, "description": "Allowed"},
+    200: {"model": Allowed, "description": "Allowed", "headers": _RATE_LIMIT},
     400: {
         "model": Denied,
         "description": "Invalid request (not JSON, a wrong type, a bad header), invalid channel "
@@ -81,7 +93,7 @@ DECISION_RESPONSES: Final[Responses] = {
         "description": "IP, suspension, permission, model, pin, channel or quota",
     },
     413: {"model": Denied, "description": "Request body too large"},
-    429: {"model": Denied, "description": "Rate limited", "headers": _RETRY_AFTER},
+    429: {"model": Denied, "description": "Rate limited", "headers": _RETRY_AFTER | _RATE_LIMIT},
     503: {
         "model": Denied,
         "description": "Model unavailable, provider rate limited, a stale snapshot, or a hold "

@@ -44,17 +44,19 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from services.contract.cloudevent import format_time
 from services.contract.events import INT64_MAX
 from services.policy.errors import (
     ACCOUNT_SUSPENDED,
+    BUDGET_EXCEEDED,
     CHANNEL_DISABLED,
     CHANNEL_PIN_FORBIDDEN,
-    ERRORS,
+    CONCURRENCY_LIMITED,
     INSUFFICIENT_PERMISSIONS,
     INSUFFICIENT_USER_QUOTA,
     INVALID_CHANNEL_ID,
@@ -67,7 +69,9 @@ from services.policy.errors import (
     PROVIDER_RATE_LIMITED,
     RATE_LIMITED,
     SIZE_NOT_SUPPORTED,
+    SPECS,
     TEXT_TOO_LONG,
+    TOKEN_BUDGET_EXCEEDED,
     TOKEN_INVALID,
     TOKEN_MISSING,
 )
@@ -86,12 +90,15 @@ from services.policy.snapshot import (
 )
 from services.store.model import (
     ACTIVE,
+    TOKEN_SCOPE,
     Account,
+    Budget,
     Channel,
     ModelSpec,
     RateLimit,
     Token,
 )
+from services.store.periods import period_end
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,43 @@ class Hold:
     amount: int
     expires_at: str
     state: str
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetFigure:
+    """A budget that covered an allowed decision, as the answer shows it."""
+
+    budget_id: str
+    scope: str
+    period: str
+    amount: int
+    spent: int
+    held: int
+    resets_at: str | None
+
+    @property
+    def remaining(self) -> int:
+        return max(self.amount - self.spent - self.held, 0)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "budget_id": self.budget_id,
+            "scope": self.scope,
+            "period": self.period,
+            "amount": self.amount,
+            "spent": self.spent,
+            "held": self.held,
+            "remaining": self.remaining,
+            "resets_at": self.resets_at,
+        }
+
+
+def budget_figure(budget: Budget, spent: int, held: int, now: datetime) -> BudgetFigure:
+    ends = period_end(budget.period, budget.timezone, now)
+    return BudgetFigure(
+        budget.budget_id, budget.scope, budget.period, budget.amount, spent, held,
+        format_time(ends) if ends is not None else None,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +160,7 @@ class Grant:
     available: int
     channels: tuple[int, ...]
     reservation: Hold | None = None
+    budgets: tuple[BudgetFigure, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +171,8 @@ class Denial:
     message: str
     type: str
     code: str | None
+    #: More fields of the error object (a budget denial's `reset_at`).
+    extra: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +188,9 @@ class Decision:
     #: account has no limit for the model or the decision stopped before check 14.
     rate_limit_key: tuple[str, str] | None = None
     rate_limit: RateLimit | None = None
+    #: `X-RateLimit-*` of the check-14 limit the decision was counted against (set by the
+    #: service; none when it stopped before check 14 or the account has no limit for it).
+    limit_headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def allowed(self) -> bool:
@@ -152,7 +202,10 @@ class Decision:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        headers = dict(self.limit_headers)
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return headers
 
     @property
     def body(self) -> dict[str, Any]:
@@ -178,6 +231,7 @@ class Decision:
                     "expires_at": hold.expires_at,
                     "state": hold.state,
                 },
+                "budgets": [figure.as_json() for figure in grant.budgets],
                 "position": self.position,
             }
         assert denial is not None
@@ -188,6 +242,7 @@ class Decision:
                 "type": denial.type,
                 "code": denial.code,
                 "reason": denial.reason,
+                **dict(denial.extra),
             },
             "position": self.position,
         }
@@ -211,9 +266,26 @@ def deny(
     rate_limit_key: tuple[str, str] | None = None,
     rate_limit: RateLimit | None = None,
 ) -> Decision:
-    spec = ERRORS[reason]
+    spec = SPECS[reason]
     denial = Denial(reason, spec.render(key_last6, model), spec.type, spec.code)
     return Decision(spec.status, position, None, denial, retry_after, rate_limit_key, rate_limit)
+
+
+def budget_denied(budget: Budget, position: int, key_last6: str, now: datetime) -> Decision:
+    """Check 13a (an account budget) or 13b (a token budget): used up until `reset_at`."""
+    reason = TOKEN_BUDGET_EXCEEDED if budget.scope == TOKEN_SCOPE else BUDGET_EXCEEDED
+    spec = SPECS[reason]
+    ends = period_end(budget.period, budget.timezone, now)
+    denial = Denial(
+        reason, spec.render(key_last6, period=budget.period), spec.type, spec.code,
+        (("reset_at", format_time(ends) if ends is not None else None),),
+    )  # fmt: skip
+    return Decision(spec.status, position, None, denial)
+
+
+def concurrency_limited(position: int) -> Decision:
+    """Check 13c: a hold would exceed the token's or the account's `max_concurrent`."""
+    return deny(CONCURRENCY_LIMITED, position, retry_after=1)
 
 
 def rate_limited(decision: Decision, retry_after: int) -> Decision:
@@ -328,17 +400,30 @@ def check_limits(spec: ModelSpec, fields: RequestFields) -> str | None:
     return None
 
 
-def _resolve_key(key: str, snapshot: Snapshot) -> tuple[Token, str, str | None] | None:
-    """The token of a key, the key without its channel suffix, and the suffix (the pin)."""
-    token = snapshot.tokens.get(key_sha256(key))
-    if token is not None:
-        return token, key, None
+def _resolve_key(
+    key: str, snapshot: Snapshot, now: datetime
+) -> tuple[Token, str, str | None] | None:
+    """The token of a key, the key without its channel suffix, and the suffix (the pin). A
+    rotated token's previous key resolves until its `previous_valid_until`, then no more."""
+    for candidate, pin in _key_readings(key):
+        digest = key_sha256(candidate)
+        token = snapshot.tokens.get(digest)
+        if token is None:
+            continue
+        if digest != token.key_sha256 and (
+            token.previous_valid_until is None or token.previous_valid_until <= now
+        ):
+            return None  # a rotated-away key past its grace
+        return token, candidate, pin
+    return None
+
+
+def _key_readings(key: str) -> Iterator[tuple[str, str | None]]:
+    """The whole key, then the key before its last `-` with the rest as the pin."""
+    yield key, None
     base, dash, suffix = key.rpartition("-")
     if dash:
-        token = snapshot.tokens.get(key_sha256(base))
-        if token is not None:
-            return token, base, suffix
-    return None
+        yield base, suffix
 
 
 def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Decision:
@@ -354,7 +439,7 @@ def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Deci
         return deny(TOKEN_MISSING, position)
 
     # 2. A known, live token.
-    resolved = _resolve_key(key, snapshot)
+    resolved = _resolve_key(key, snapshot, now)
     if resolved is None:
         return deny(TOKEN_INVALID, position)
     token, base_key, key_pin = resolved
@@ -434,13 +519,25 @@ def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Deci
         return deny(PROVIDER_RATE_LIMITED, position, retry_after=seconds_until(ends, now))
 
     # 13. The balance covers the request; for a hold with a request id, the hold decides it
-    # (see the module doc).
+    # (see the module doc), and 13a-13b with it.
     available = account.balance - account.held
     cost = request.estimated_cost
-    if (cost is None or request.request_id is None) and (
-        available <= 0 or (cost is not None and cost > available)
-    ):
+    checked_here = cost is None or request.request_id is None or request.dry_run
+    if checked_here and (available <= 0 or (cost is not None and cost > available)):
         return deny(INSUFFICIENT_USER_QUOTA, position)
+
+    # 13a-13b. Every budget that covers the request has room for it (13c, the concurrency
+    # caps, only the hold can tell: it counts the active holds).
+    figures: list[BudgetFigure] = []
+    for budget in snapshot.budgets_covering(account.account_id, token.token_id, model):
+        spent = snapshot.spent(budget, now)
+        if checked_here and (
+            spent + budget.held + cost > budget.amount
+            if cost is not None
+            else spent + budget.held >= budget.amount
+        ):
+            return budget_denied(budget, position, last6, now)
+        figures.append(budget_figure(budget, spent, budget.held, now))
 
     # 14. The account's rate limit for the model: named here, counted by the service.
     limit = snapshot.rate_limit_for(account.account_id, model)
@@ -454,5 +551,6 @@ def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Deci
         account.balance,
         available,
         tuple(sorted(c.channel_id for c in free)),
+        budgets=tuple(figures),
     )
     return Decision(200, position, grant, None, None, counter, limit)

@@ -26,6 +26,9 @@ TEXT_TOO_LONG: Final = "text_too_long"
 PROVIDER_RATE_LIMITED: Final = "provider_rate_limited"
 INSUFFICIENT_USER_QUOTA: Final = "insufficient_user_quota"
 RATE_LIMITED: Final = "rate_limited"
+BUDGET_EXCEEDED: Final = "budget_exceeded"
+TOKEN_BUDGET_EXCEEDED: Final = "token_budget_exceeded"
+CONCURRENCY_LIMITED: Final = "concurrency_limited"
 
 AUTHENTICATION_ERROR: Final = "authentication_error"
 PERMISSION_ERROR: Final = "permission_error"
@@ -34,9 +37,11 @@ INVALID_REQUEST_ERROR: Final = "invalid_request_error"
 RATE_LIMIT_ERROR: Final = "rate_limit_error"
 SERVICE_UNAVAILABLE: Final = "service_unavailable"
 
-#: Placeholders in message templates: the key's last six characters, and the model's name.
+#: Placeholders in message templates: the key's last six characters, the model's name, and a
+#: budget's period.
 KEY_PLACEHOLDER: Final = "{key}"
 MODEL_PLACEHOLDER: Final = "{model}"
+PERIOD_PLACEHOLDER: Final = "{period}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +51,12 @@ class ErrorSpec:
     type: str
     message: str
 
-    def render(self, key_last6: str = "", model: str = "") -> str:
-        return self.message.replace(KEY_PLACEHOLDER, key_last6).replace(MODEL_PLACEHOLDER, model)
+    def render(self, key_last6: str = "", model: str = "", period: str = "") -> str:
+        return (
+            self.message.replace(KEY_PLACEHOLDER, key_last6)
+            .replace(MODEL_PLACEHOLDER, model)
+            .replace(PERIOD_PLACEHOLDER, period)
+        )
 
 
 # The messages are the error table's, exactly; the dashes are en dashes (U+2013).
@@ -125,3 +134,31 @@ ERRORS: Final[Mapping[str, ErrorSpec]] = MappingProxyType(
         ),
     }
 )
+
+#: CONTRACT section 9's checks 13a-13c: not rows of the seed's table (their code is their
+#: reason).
+CONTROL_ERRORS: Final[Mapping[str, ErrorSpec]] = MappingProxyType(
+    {
+        BUDGET_EXCEEDED: ErrorSpec(
+            403,
+            BUDGET_EXCEEDED,
+            INSUFFICIENT_QUOTA,
+            "Budget exceeded – this account's {period} budget is used up.",
+        ),
+        TOKEN_BUDGET_EXCEEDED: ErrorSpec(
+            403,
+            TOKEN_BUDGET_EXCEEDED,
+            INSUFFICIENT_QUOTA,
+            "Budget exceeded – key({key}) has used up its {period} budget.",
+        ),
+        CONCURRENCY_LIMITED: ErrorSpec(
+            429,
+            CONCURRENCY_LIMITED,
+            RATE_LIMIT_ERROR,
+            "Too many concurrent requests for this key; try again later.",
+        ),
+    }
+)
+
+#: Every decision's denial by reason: the table's, then section 9's.
+SPECS: Final[Mapping[str, ErrorSpec]] = MappingProxyType({**ERRORS, **CONTROL_ERRORS})

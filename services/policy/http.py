@@ -285,9 +285,10 @@ def _forward_request(request: Request) -> AuthorizeRequest:
 
 
 def _forwarded(request: Request, decision: Decision) -> Response:
-    """The decision with X-Quota-* headers; nginx's auth_request only passes 2xx, 401 and 403
-    through, so for nginx (`X-Quota-Auth-Request: nginx`) other denials become 403 (the real
-    status is in X-Quota-Status)."""
+    """The decision with X-Quota-* headers (and X-RateLimit-* for the limit it was counted
+    against); nginx's auth_request only passes 2xx, 401 and 403 through, so for nginx
+    (`X-Quota-Auth-Request: nginx`) other denials become 403 (the real status is in
+    X-Quota-Status)."""
     body = decision.body
     headers = {
         **decision.headers,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from services.contract.events import INT64_MAX
 
@@ -36,3 +36,5 @@ class AuthorizeRequest(BaseModel):
     request_id: (
         Annotated[StrictStr, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")] | None
     ) = None
+    #: Decide without holding or counting anything (no reservation, no rate-limit hit).
+    dry_run: StrictBool = False

@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 from prometheus_client import Histogram
 
@@ -35,7 +36,7 @@ from services.contract.events import Event
 from services.store import event_store, reservation_store
 from services.store.append import append_local
 from services.store.chain import payload_hash
-from services.store.model import HELD, Reservation
+from services.store.model import HELD, TOKEN_SCOPE, Budget, Reservation
 from services.supervise import DATABASE_ERRORS, LoopHealth
 
 log = structlog.get_logger("quota.policy.reservations")
@@ -60,25 +61,54 @@ HOLD_COMMIT = Histogram(
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetState:
+    """A budget's figures as the hold saw them (after a hold: with it)."""
+
+    budget: Budget
+    spent: int
+
+
+@dataclass(frozen=True, slots=True)
 class HoldOutcome:
-    """A held (or, for a repeated request id, the existing) reservation, or why not; with the
-    account's balance and held amount right after it. A repeat's reservation has its stored
-    state: `held`, or `settled` / `released` when it ended within its TTL."""
+    """A held (or, for a repeated request id, the existing) reservation, or why not
+    (`refusal`, one of the outcomes above, with `reason` in words); with the account's balance
+    and held amount right after it, and the budgets that covered it (or the one that refused
+    it). A repeat's reservation has its stored state: `held`, or `settled` / `released` when it
+    ended within its TTL."""
 
     reservation: Reservation | None
     balance: int = 0
     held: int = 0
     reason: str | None = None
     repeated: bool = False
+    refusal: str | None = None
+    budgets: tuple[BudgetState, ...] = ()
+
+
+def _budget_states(request: _HoldRequest, raw: str | list[Any] | None) -> tuple[BudgetState, ...]:
+    """The hold function's `budgets` JSON: the figures of the budgets it weighed."""
+    items = (orjson.loads(raw) if isinstance(raw, str) else raw) or []
+    states = []
+    for item in items:
+        token_id = request.token_id if item["scope"] == TOKEN_SCOPE else None
+        budget = Budget(
+            item["budget_id"], request.account_id, item["scope"], token_id, None,
+            item["amount"], item["period"], item["timezone"], item["held"], 0,
+        )  # fmt: skip
+        states.append(BudgetState(budget, item["spent"]))
+    return tuple(states)
 
 
 def _outcome(request: _HoldRequest, row: asyncpg.Record) -> HoldOutcome:
-    if row["outcome"] == "insufficient":
+    outcome = row["outcome"]
+    if outcome not in ("held", "repeated"):
         available = (row["balance"] or 0) - (row["held"] or 0)
         return HoldOutcome(
             None,
-            reason=f"insufficient available quota on {request.account_id}: "
-            f"{available} available, {request.amount} asked",
+            reason=f"{outcome} on {request.account_id}: {available} available, "
+            f"{request.amount} asked, budget {row['budget_id']}",
+            refusal=outcome,
+            budgets=_budget_states(request, row["budgets"]),
         )
     reservation = Reservation(
         reservation_id=row["reservation_id"],
@@ -90,7 +120,11 @@ def _outcome(request: _HoldRequest, row: asyncpg.Record) -> HoldOutcome:
         held_position=row["held_position"],
     )
     return HoldOutcome(
-        reservation, row["balance"], row["held"], repeated=row["outcome"] == "repeated"
+        reservation,
+        row["balance"],
+        row["held"],
+        repeated=outcome == "repeated",
+        budgets=_budget_states(request, row["budgets"]),
     )
 
 
@@ -101,6 +135,8 @@ class _HoldRequest:
     request_id: str | None
     actor: str
     future: asyncio.Future[HoldOutcome]
+    token_id: str | None = None
+    model: str | None = None
 
 
 def _fresh_ids(count: int) -> Iterator[str]:
@@ -177,11 +213,20 @@ class Reservations:
             await self.pool.release(conn)
 
     async def hold(
-        self, account_id: str, amount: int, request_id: str | None, actor: str
+        self,
+        account_id: str,
+        amount: int,
+        request_id: str | None,
+        actor: str,
+        token_id: str | None = None,
+        model: str | None = None,
     ) -> HoldOutcome:
-        """Hold `amount`; the same `request_id` within the TTL returns the same reservation."""
+        """Hold `amount` for `token_id` on `model` (the budgets and caps that cover them
+        apply); the same `request_id` within the TTL returns the same reservation."""
         future: asyncio.Future[HoldOutcome] = asyncio.get_running_loop().create_future()
-        self._queue.append(_HoldRequest(account_id, amount, request_id, actor, future))
+        self._queue.append(
+            _HoldRequest(account_id, amount, request_id, actor, future, token_id, model)
+        )
         self._wake.set()
         # A database that hangs must not hang the gateway: TimeoutError is answered 503 (a
         # hold committed after it is found by its request id, or ends at its TTL).
@@ -223,6 +268,10 @@ class Reservations:
             }
             if request.request_id is not None:
                 data["request_id"] = request.request_id
+            if request.token_id is not None:
+                data["token_id"] = request.token_id
+            if request.model is not None:
+                data["model"] = request.model
             event_id = f"{reservation_id}:held"
             event = _event("quota.reservation.held", request.account_id, event_id, data, now)
             payload = canonical_json(event_content(event))
@@ -230,6 +279,7 @@ class Reservations:
                 reservation_store.NewHold(
                     request.account_id, request.request_id, request.amount, reservation_id,
                     expires_at, event_id, now, payload.decode(), payload_hash(payload),
+                    request.token_id, request.model,
                 )
             )  # fmt: skip
         conn = await self._connection()

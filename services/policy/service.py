@@ -19,7 +19,17 @@ from prometheus_client import Counter
 from pydantic import ValidationError
 
 from services.contract.cloudevent import format_time
-from services.policy.decision import Decision, Hold, decide, deny, extract_key, rate_limited
+from services.policy.decision import (
+    Decision,
+    Hold,
+    budget_denied,
+    budget_figure,
+    concurrency_limited,
+    decide,
+    deny,
+    extract_key,
+    rate_limited,
+)
 from services.policy.decision import refusal as _refusal
 from services.policy.errors import INSUFFICIENT_USER_QUOTA
 from services.policy.ratelimit import RateLimiter
@@ -28,6 +38,7 @@ from services.policy.reservations import HoldOutcome, Reservations
 from services.policy.snapshot import Snapshot
 from services.policy.snapshot_store import SnapshotStore
 from services.settings import Settings
+from services.store.fold import BUDGET_EXCEEDED, CONCURRENCY_LIMITED, TOKEN_BUDGET_EXCEEDED
 from services.store.model import Reservation
 from services.supervise import DATABASE_ERRORS, Readiness
 
@@ -172,14 +183,19 @@ class Policy:
     # ---------------------------------------------------------------------------- decisions
 
     async def authorize(self, request: AuthorizeRequest, snapshot: Snapshot) -> Decision:
-        """Checks 1-13 from the snapshot (pure), the hold when a cost is estimated (check 13
-        again, authoritative, under the ledger lock), then check 14 against the shared limiter.
+        """Checks 1-13b from the snapshot (pure), the hold when a cost is estimated (checks 13
+        to 13c again, authoritative, under the ledger lock), then check 14 against the shared
+        limiter. A dry run stops after the snapshot's checks: nothing held, nothing counted.
 
         A hold with a request id is decided by the hold alone from check 13 on: `decide` skips
         check 13 for it, the hold answers a known request id (within its TTL, whatever the
         reservation's state) with its reservation before applying check 13, and a repeat is
         not counted by check 14 again."""
-        decision = decide(request, snapshot, datetime.now(UTC))
+        now = datetime.now(UTC)
+        decision = decide(request, snapshot, now)
+        if request.dry_run:
+            count("dry_run:" + (decision.reason or "allowed"))
+            return decision
         held: HoldOutcome | None = None
         grant = decision.grant
         if grant is not None and request.estimated_cost is not None:
@@ -189,6 +205,8 @@ class Policy:
                     request.estimated_cost,
                     request.request_id,
                     actor=f"token:{grant.token_id}",
+                    token_id=grant.token_id,
+                    model=request.model,
                 )
             except DATABASE_ERRORS as exc:
                 # Nothing was held (the statement is one transaction): refuse, never fail open.
@@ -196,10 +214,9 @@ class Policy:
                 count(RESERVATION_UNAVAILABLE)
                 return reservation_unavailable(snapshot.position)
             if held.reservation is None:
-                key = extract_key(request.authorization)
-                decision = deny(INSUFFICIENT_USER_QUOTA, snapshot.position, key_last6=key[-6:])
+                decision = _hold_refused(request, held, snapshot.position, now)
             else:
-                decision = _with_reservation(decision, held)
+                decision = _with_reservation(decision, held, now)
         if (
             decision.allowed
             and decision.rate_limit is not None
@@ -207,7 +224,10 @@ class Policy:
             and not (held is not None and held.repeated)
         ):
             account_id, model = decision.rate_limit_key
-            retry_after = await self.limiter.hit(account_id, model, decision.rate_limit)
+            hit = await self.limiter.hit(
+                account_id, model, decision.rate_limit, request.estimated_cost or 0
+            )
+            retry_after = hit.retry_after
             if retry_after is not None:
                 if held is not None and held.reservation is not None:
                     try:
@@ -217,6 +237,7 @@ class Policy:
                     except DATABASE_ERRORS as exc:  # the TTL ends it instead
                         log.warning("release after 429 failed", error=str(exc))
                 decision = rate_limited(decision, retry_after)
+            decision = replace(decision, limit_headers=tuple(hit.headers.items()))
         count(decision.reason or "allowed")
         return decision
 
@@ -236,7 +257,19 @@ class Policy:
             raise ReservationUnavailable(str(exc)) from exc
 
 
-def _with_reservation(decision: Decision, held: HoldOutcome) -> Decision:
+def _hold_refused(
+    request: AuthorizeRequest, held: HoldOutcome, position: int, now: datetime
+) -> Decision:
+    """The decision for a hold the hold function refused: check 13, 13a, 13b or 13c."""
+    last6 = extract_key(request.authorization)[-6:]
+    if held.refusal == CONCURRENCY_LIMITED:
+        return concurrency_limited(position)
+    if held.refusal in (BUDGET_EXCEEDED, TOKEN_BUDGET_EXCEEDED) and held.budgets:
+        return budget_denied(held.budgets[0].budget, position, last6, now)
+    return deny(INSUFFICIENT_USER_QUOTA, position, key_last6=last6)
+
+
+def _with_reservation(decision: Decision, held: HoldOutcome, now: datetime) -> Decision:
     reservation = held.reservation
     grant = decision.grant
     assert reservation is not None and grant is not None
@@ -246,8 +279,15 @@ def _with_reservation(decision: Decision, held: HoldOutcome) -> Decision:
         format_time(reservation.expires_at),
         reservation.state,
     )
+    figures = tuple(
+        budget_figure(state.budget, state.spent, state.budget.held, now) for state in held.budgets
+    )
     grant = replace(
-        grant, balance=held.balance, available=held.balance - held.held, reservation=hold
+        grant,
+        balance=held.balance,
+        available=held.balance - held.held,
+        reservation=hold,
+        budgets=figures if not held.repeated else grant.budgets,
     )
     position = max(decision.position, reservation.held_position)
     return replace(decision, grant=grant, position=position)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Final
 
 from services.contract.events import ROLE_RANK
 from services.store.model import (
+    ACCOUNT_SCOPE,
     Account,
+    Budget,
     Channel,
     ModelSpec,
     RateLimit,
@@ -19,6 +22,7 @@ from services.store.model import (
     State,
     Token,
 )
+from services.store.periods import period_start
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -98,12 +102,23 @@ def _freeze(mapping: dict[Any, Any]) -> Mapping[Any, Any]:
 
 def _token_indexes(state: State) -> dict[str, Any]:
     tokens = {token.key_sha256.lower(): token for token in state.tokens.values()}
+    for token in state.tokens.values():  # a rotated token's previous key, while in its grace
+        if token.previous_key_sha256 is not None:
+            tokens.setdefault(token.previous_key_sha256.lower(), token)
     networks = {
         token.token_id: parse_networks(token.allowed_cidrs)
         for token in state.tokens.values()
         if token.allowed_cidrs
     }
     return {"tokens": _freeze(tokens), "networks": _freeze(networks)}
+
+
+def _budget_views(state: State) -> dict[str, Any]:
+    return {
+        "budgets": _freeze(state.budgets),
+        "account_budget_ids": _freeze(state.account_budget_ids),
+        "budget_spend": _freeze(state.budget_spend),
+    }
 
 
 def _catalog_indexes(state: State) -> dict[str, Any]:
@@ -132,7 +147,8 @@ class Snapshot:
 
     position: int
     accounts: Mapping[str, Account]
-    #: key_sha256 (lowercase hex) -> token, revoked ones included.
+    #: key_sha256 (lowercase hex) -> token, revoked ones included; a rotated token is found
+    #: by its previous key too (check 2 honours its `previous_valid_until`).
     tokens: Mapping[str, Token]
     channels: Mapping[int, Channel]
     models: Mapping[str, ModelSpec]
@@ -142,6 +158,11 @@ class Snapshot:
     serving: Mapping[tuple[str, str], tuple[int, ...]]
     #: token_id -> the parsed networks of its `allowed_cidrs`.
     networks: Mapping[str, tuple[Network, ...]] = field(default_factory=lambda: _freeze({}))
+    #: Live views, like `accounts`: budget_id -> budget, account_id -> its budgets' ids,
+    #: (budget_id, period start) -> spend (recent periods only).
+    budgets: Mapping[str, Budget] = field(default_factory=lambda: _freeze({}))
+    account_budget_ids: Mapping[str, set[str]] = field(default_factory=lambda: _freeze({}))
+    budget_spend: Mapping[tuple[str, datetime], int] = field(default_factory=lambda: _freeze({}))
 
     @classmethod
     def from_state(cls, state: State, position: int) -> Snapshot:
@@ -153,6 +174,7 @@ class Snapshot:
             **_token_indexes(state),
             **_catalog_indexes(state),
             rate_limits=_freeze(dict(state.rate_limits)),
+            **_budget_views(state),
         )
 
     def updated(
@@ -164,6 +186,7 @@ class Snapshot:
         tokens: bool = False,
         catalog: bool = False,
         rate_limits: bool = False,
+        budgets: bool = False,
     ) -> Snapshot:
         """This snapshot moved to `position`, re-indexing only the parts that changed."""
         parts: dict[str, Any] = {"position": position}
@@ -175,11 +198,32 @@ class Snapshot:
             parts.update(_catalog_indexes(state))
         if rate_limits:
             parts["rate_limits"] = _freeze(dict(state.rate_limits))
+        if budgets:
+            parts.update(_budget_views(state))
         return replace(self, **parts)
 
+    def budgets_covering(self, account_id: str, token_id: str, model: str | None) -> list[Budget]:
+        """The account's budgets that cover a request by `token_id` for `model`: its account
+        budgets first, then its token budgets, each by id (the hold's order)."""
+        ids = self.account_budget_ids.get(account_id)
+        if not ids:
+            return []
+        found = [b for i in ids if (b := self.budgets.get(i)) is not None]
+        found = [b for b in found if b.covers(token_id, model)]
+        found.sort(key=lambda b: (b.scope != ACCOUNT_SCOPE, b.budget_id))
+        return found
+
+    def spent(self, budget: Budget, now: datetime) -> int:
+        """What `budget` has spent in its period holding `now`."""
+        start = period_start(budget.period, budget.timezone, now)
+        return self.budget_spend.get((budget.budget_id, start), 0)
+
     def rate_limit_for(self, account_id: str, model: str) -> RateLimit | None:
-        """The account's limit for the model, else its `*` limit."""
+        """The account's limit for the model, else its `*` limit; one that caps requests,
+        units (`estimated_cost` summed), or both."""
         limit = self.rate_limits.get((account_id, model))
         if limit is None:
             limit = self.rate_limits.get((account_id, "*"))
-        return limit if limit is not None and limit.requests > 0 else None
+        if limit is None or (limit.requests <= 0 and not limit.units):
+            return None
+        return limit

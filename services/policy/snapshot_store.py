@@ -17,17 +17,25 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import structlog
 
 from services.policy.snapshot import Snapshot
-from services.store import db, event_store, projections
-from services.store.model import Account, RateLimit, State, Token
+from services.store import budget_store, db, event_store, projections
+from services.store.model import Account, Budget, RateLimit, State, Token
 from services.store.notify import Notification
 from services.supervise import DATABASE_ERRORS, LoopHealth
 
 log = structlog.get_logger("quota.policy.snapshot")
+
+#: Budget spend older than this is never a current period's (a month is the longest).
+SPEND_KEPT = timedelta(days=40)
+
+
+def _spend_since() -> datetime:
+    return datetime.now(UTC) - SPEND_KEPT
 
 
 @dataclass(slots=True)
@@ -41,6 +49,7 @@ class _Pending:
     account_rows: dict[str, Account] = field(default_factory=dict)
     tokens: set[str] = field(default_factory=set)
     rate_limit_accounts: set[str] = field(default_factory=set)
+    budget_accounts: set[str] = field(default_factory=set)
     catalog: bool = False
     position: int = 0
 
@@ -58,10 +67,17 @@ class _Pending:
             self.accounts.discard(account.account_id)
         self.tokens.update(message.tokens)
         self.rate_limit_accounts.update(key[0] for key in message.rate_limits)
+        self.budget_accounts.update(message.budgets)
         self.catalog = self.catalog or message.catalog
 
     def needs_reading(self) -> bool:
-        return bool(self.accounts or self.tokens or self.rate_limit_accounts or self.catalog)
+        return bool(
+            self.accounts
+            or self.tokens
+            or self.rate_limit_accounts
+            or self.budget_accounts
+            or self.catalog
+        )
 
     def empty(self) -> bool:
         return not (
@@ -70,6 +86,7 @@ class _Pending:
             or self.account_rows
             or self.tokens
             or self.rate_limit_accounts
+            or self.budget_accounts
             or self.catalog
         )
 
@@ -81,6 +98,8 @@ class _Loaded:
     accounts: list[Account] = field(default_factory=list)
     tokens: list[Token] = field(default_factory=list)
     rate_limits: list[RateLimit] | None = None
+    budgets: list[Budget] | None = None
+    budget_spend: dict[tuple[str, datetime], int] = field(default_factory=dict)
     catalog: State | None = None
 
 
@@ -171,7 +190,7 @@ class SnapshotStore:
     async def _reload_all(self, conn: asyncpg.Connection) -> None:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             head = await event_store.read_head(conn)
-            state = await projections.load_all(conn, reservations=False)
+            state = await projections.load_all(conn, reservations=False, spend_since=_spend_since())
         self._state = state
         await self._publish(head.position)
         log.info("snapshot loaded", position=head.position, accounts=len(state.accounts))
@@ -189,8 +208,17 @@ class SnapshotStore:
         for account in loaded.accounts:
             state.accounts[account.account_id] = account
         for token in loaded.tokens:
-            state.tokens[token.token_id] = token
-            state.token_keys[token.key_sha256] = token.token_id
+            state.put_token(token)
+        if loaded.budgets is not None:
+            accounts = pending.budget_accounts
+            for budget_id in [i for a in accounts for i in state.account_budget_ids.get(a, ())]:
+                state.drop_budget(budget_id)
+            for budget in loaded.budgets:
+                state.put_budget(budget)
+            loaded_ids = {b.budget_id for b in loaded.budgets}
+            for spend_key in [k for k in state.budget_spend if k[0] in loaded_ids]:
+                del state.budget_spend[spend_key]
+            state.budget_spend.update(loaded.budget_spend)
         if loaded.rate_limits is not None:
             accounts = pending.rate_limit_accounts
             for key in [k for k in state.rate_limits if k[0] in accounts]:
@@ -214,6 +242,7 @@ class SnapshotStore:
             tokens=bool(pending.tokens),
             catalog=pending.catalog,
             rate_limits=bool(pending.rate_limit_accounts),
+            budgets=bool(pending.budget_accounts),
         )
         await self._announce()
 
@@ -222,7 +251,7 @@ class SnapshotStore:
         """The rows `pending` names, read in one snapshot (one statement needs no transaction)."""
         reads = (
             bool(pending.accounts) + bool(pending.tokens) + bool(pending.rate_limit_accounts)
-            + pending.catalog
+            + bool(pending.budget_accounts) + pending.catalog
         )  # fmt: skip
         transaction = (
             conn.transaction(isolation="repeatable_read", readonly=True)
@@ -238,6 +267,10 @@ class SnapshotStore:
             if pending.rate_limit_accounts:
                 loaded.rate_limits = await projections.load_rate_limits(
                     conn, sorted(pending.rate_limit_accounts)
+                )
+            if pending.budget_accounts:
+                loaded.budgets, loaded.budget_spend = await budget_store.load_account_budgets(
+                    conn, sorted(pending.budget_accounts), _spend_since()
                 )
             if pending.catalog:
                 loaded.catalog = await projections.load_catalog(conn)

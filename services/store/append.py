@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import asyncpg
@@ -23,6 +23,7 @@ from services.store.chain import chain_hash, payload_hash
 from services.store.fold import fold
 from services.store.model import Changes, State
 from services.store.notify import notify_payload
+from services.store.periods import TOTAL_START
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +64,7 @@ async def fold_and_append(
     derive: bool,
 ) -> Appended:
     """Fold first-seen events onto the rows they touch, chain and store what applied."""
-    state = await projections.load_state(conn, state_keys([u.event for u in unique]))
+    state = await projections.load_state(conn, state_keys([u.event for u in unique], received_at))
     appended = fold_and_chain(head, unique, state, received_at, derive=derive)
     await event_store.append_events(conn, appended.records)
     await projections.write_changes(conn, appended.state, appended.changes)
@@ -79,7 +80,10 @@ def fold_and_chain(
     derive: bool,
 ) -> Appended:
     """Fold first-seen events onto `state` and chain the applied ones after `head`."""
-    outcome = fold(state, (u.event for u in unique), head.position + 1, derive=derive)
+    outcome = fold(
+        state, (u.event for u in unique), head.position + 1, derive=derive,
+        received_at=received_at,
+    )  # fmt: skip
     by_event = {id(u.event): u for u in unique}
     records: list[event_store.EventTuple] = []
     prev = head.hash
@@ -140,7 +144,7 @@ async def append_local(
     for event in events:
         payload = canonical_json(event_content(event))
         unique.append(Unique(event, payload, payload_hash(payload)))
-    state = await projections.load_state(conn, state_keys(events))
+    state = await projections.load_state(conn, state_keys(events, received_at))
     appended = fold_and_chain(head, unique, state, received_at, derive=False)
     notify = (
         notify_payload(appended.position, appended.changes, appended.state)
@@ -159,6 +163,9 @@ async def append_local(
     return LocalResult(appended.position, appended.state, rejected)
 
 
+#: Longer than any period but `total` (a month), in any zone.
+_LONGEST_PERIOD: Final = timedelta(days=32)
+
 _CHANNEL_EVENTS: Final = frozenset(
     {
         "quota.channel.registered",
@@ -169,7 +176,7 @@ _CHANNEL_EVENTS: Final = frozenset(
 )
 
 
-def state_keys(events: Sequence[Event]) -> projections.StateKeys:
+def state_keys(events: Sequence[Event], received_at: datetime) -> projections.StateKeys:
     """The projection rows a batch may touch (by type string: cheaper than `isinstance` on
     pydantic models, which goes through their metaclass)."""
     keys = projections.StateKeys(set(), set(), set(), set(), set())
@@ -178,14 +185,24 @@ def state_keys(events: Sequence[Event]) -> projections.StateKeys:
         data: Any = event.data  # the model of `kind`
         if kind in ACCOUNT_EVENTS:
             keys.accounts.add(event.subject)
-        if kind.startswith("quota.token."):
+        if kind == "quota.account.usage_recorded":
+            when = event.time or received_at
+            keys.usage.append((event.subject, data, when))
+            if data.reservation_id:
+                keys.reservations.add(data.reservation_id)
+        elif kind.startswith("quota.token."):
             keys.tokens.add(data.token_id)
-            if kind == "quota.token.issued":
+            if kind in ("quota.token.issued", "quota.token.rotated"):
                 keys.token_keys.add(data.key_sha256.lower())
         elif kind in _CHANNEL_EVENTS:
             keys.channels.add(data.channel_id)
-        elif kind.startswith("quota.reservation.") or (
-            kind == "quota.account.usage_recorded" and data.reservation_id
-        ):
+        elif kind.startswith("quota.reservation."):
             keys.reservations.add(data.reservation_id)
+        elif kind == "quota.budget.set":
+            if data.token_id is not None:
+                keys.tokens.add(data.token_id)
+            when = event.time or received_at
+            since = TOTAL_START if data.period == "total" else when - _LONGEST_PERIOD
+            earlier = keys.budget_sets.get(event.subject)
+            keys.budget_sets[event.subject] = since if earlier is None else min(earlier, since)
     return keys

@@ -95,22 +95,28 @@ WITH appended AS (
                          $6::timestamptz[], $7::timestamptz[], $8::bigint[], $9::text[],
                          $10::text[], $11::text[], $12::text[])
 ), account_rows AS (
-    INSERT INTO accounts (account_id, balance, held, status, role, group_name, position)
+    INSERT INTO accounts (account_id, balance, held, status, role, group_name, position,
+                          max_concurrent, holds)
     SELECT * FROM unnest($13::text[], $14::bigint[], $15::bigint[], $16::text[], $17::text[],
-                         $18::text[], $19::bigint[])
+                         $18::text[], $19::bigint[], $34::integer[], $35::integer[])
     ON CONFLICT (account_id) DO UPDATE SET
         balance = EXCLUDED.balance, held = EXCLUDED.held, status = EXCLUDED.status,
-        role = EXCLUDED.role, group_name = EXCLUDED.group_name, position = EXCLUDED.position
+        role = EXCLUDED.role, group_name = EXCLUDED.group_name, position = EXCLUDED.position,
+        max_concurrent = EXCLUDED.max_concurrent, holds = EXCLUDED.holds
 ), reservation_rows AS (
     INSERT INTO reservations (reservation_id, account_id, amount, request_id, state,
                               expires_at, held_position, ended_position, settled_amount,
-                              ended_by)
+                              ended_by, token_id, model)
     SELECT * FROM unnest($20::text[], $21::text[], $22::bigint[], $23::text[], $24::text[],
                          $25::timestamptz[], $26::bigint[], $27::bigint[], $28::bigint[],
-                         $29::text[])
+                         $29::text[], $36::text[], $37::text[])
     ON CONFLICT (reservation_id) DO UPDATE SET
         state = EXCLUDED.state, ended_position = EXCLUDED.ended_position,
         settled_amount = EXCLUDED.settled_amount, ended_by = EXCLUDED.ended_by
+), budget_rows AS (
+    UPDATE budgets b SET held = u.held
+    FROM unnest($38::text[], $39::bigint[]) u(budget_id, held)
+    WHERE b.budget_id = u.budget_id
 ), head AS (
     UPDATE ledger_head SET position = $30, hash = $31 WHERE id = 1
 )
@@ -129,9 +135,12 @@ async def write_local(
     """Append events the service wrote itself, with the account and reservation rows they
     changed, the new head and the notification: ONE statement, so one round trip (a hold's
     transaction is otherwise a chain of round trips under the head lock). The caller holds the
-    head lock; `changes` may name accounts and reservations only."""
-    if changes.tokens or changes.catalog or changes.rate_limits:
-        raise ValueError("a local write changes only accounts and reservations")
+    head lock; `changes` may name accounts, reservations and budgets' `held` only."""
+    if changes.tokens or changes.catalog or changes.rate_limits or changes.budget_spend:
+        raise ValueError("a local write changes only accounts, reservations and budgets")
+    if any(key not in state.budgets for key in changes.budgets):
+        raise ValueError("a local write does not remove budgets")
+    budgets = [state.budgets[key] for key in sorted(changes.budgets)]
     accounts = [state.accounts[key] for key in sorted(changes.accounts)]
     holds = [state.reservations[key] for key in sorted(changes.reservations)]
     events = list(zip(*(record[:12] for record in records), strict=True)) or [[]] * 12
@@ -159,6 +168,12 @@ async def write_local(
         head.hash,
         CHANGES_CHANNEL,
         notify.encode() if notify is not None else None,
+        [a.max_concurrent for a in accounts],
+        [a.holds for a in accounts],
+        [r.token_id for r in holds],
+        [r.model for r in holds],
+        [b.budget_id for b in budgets],
+        [b.held for b in budgets],
     )
 
 

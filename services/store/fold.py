@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, Final, cast
 
 from services.contract import events as ev
 from services.contract.events import INT64_MAX, Event
 from services.store.model import (
+    ACCOUNT_SCOPE,
     ACTIVE,
     BLACKLISTED,
     EXPIRED,
@@ -23,7 +25,9 @@ from services.store.model import (
     RELEASED,
     SETTLED,
     SUSPENDED,
+    TOKEN_SCOPE,
     Account,
+    Budget,
     Changes,
     Channel,
     ModelSpec,
@@ -33,6 +37,7 @@ from services.store.model import (
     State,
     Token,
 )
+from services.store.periods import bucket, period_start
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +66,12 @@ class FoldError(Exception):
 
 
 def fold(
-    state: State, events: Iterable[Event], first_position: int, *, derive: bool = False
+    state: State,
+    events: Iterable[Event],
+    first_position: int,
+    *,
+    derive: bool = False,
+    received_at: datetime | None = None,
 ) -> FoldResult:
     """Apply `events` in order to a copy of `state`.
 
@@ -69,6 +79,7 @@ def fold(
     so positions stay gap-free. With `derive` (the live ledger), a usage that names a held
     reservation is followed by a `quota.reservation.settled` event the fold writes itself;
     replaying stored history does not derive, since those events are already in it.
+    `received_at` stands for the time of events that carry none (budgets count usage by time).
     """
     new_state = state.copy()
     changes = Changes()
@@ -77,7 +88,7 @@ def fold(
     position = first_position
     for event in events:
         try:
-            delta = apply_event(new_state, changes, event, position)
+            delta = apply_event(new_state, changes, event, position, received_at)
         except FoldError as exc:
             rejected.append(Rejected(event, str(exc)))
             continue
@@ -149,7 +160,13 @@ def balance_delta(event: Event) -> int | None:
             return None
 
 
-def apply_event(state: State, changes: Changes, event: Event, position: int) -> int | None:
+def apply_event(
+    state: State,
+    changes: Changes,
+    event: Event,
+    position: int,
+    received_at: datetime | None = None,
+) -> int | None:
     """Apply one event in place on a working state; raise `FoldError` to reject it.
 
     The state is only changed once every check has passed, so a rejected event leaves no trace.
@@ -166,14 +183,13 @@ def apply_event(state: State, changes: Changes, event: Event, position: int) -> 
             raise FoldError(f"balance of {account.account_id} would leave the int64 range")
         account = Account(
             account.account_id, balance, account.held, account.status, account.role,
-            account.group, position,
+            account.group, position, account.max_concurrent, account.holds,
         )  # fmt: skip
+        if event.type == "quota.account.usage_recorded":
+            _spend(state, changes, event, event.time or received_at)
     else:
-        changed = _apply_account(state, changes, account, event, position)
-        account = Account(
-            changed.account_id, changed.balance, changed.held, changed.status, changed.role,
-            changed.group, position,
-        )  # fmt: skip
+        changed = _apply_account(state, changes, account, event, position, received_at)
+        account = replace(changed, position=position)
     state.accounts[account.account_id] = account
     changes.accounts.add(account.account_id)
     return delta
@@ -185,6 +201,7 @@ def _apply_account(
     account: Account,
     event: Event,
     position: int,
+    received_at: datetime | None,
 ) -> Account:
     data: Any = event.data  # the model of `event.type` (checked when it was decoded)
     match event.type:
@@ -204,13 +221,27 @@ def _apply_account(
             return replace(account, group=data.group)
         case "quota.account.rate_limit_set":
             key = (account.account_id, data.model)
-            if data.requests == 0:
+            if data.requests == 0 and not data.units:
                 state.rate_limits.pop(key, None)
             else:
                 state.rate_limits[key] = RateLimit(
-                    account.account_id, data.model, data.requests, data.window_seconds, position
-                )
+                    account.account_id, data.model, data.requests, data.window_seconds, position,
+                    data.units or None,
+                )  # fmt: skip
             changes.rate_limits.add(key)
+            return account
+        case "quota.account.limits_set":
+            return replace(account, max_concurrent=data.max_concurrent)
+        case "quota.budget.set":
+            _set_budget(state, changes, account, data, position, event.time or received_at)
+            return account
+        case "quota.budget.removed":
+            budget = state.budgets.get(data.budget_id)
+            if budget is None or budget.account_id != account.account_id:
+                raise FoldError(f"budget {data.budget_id} is not a budget of {account.account_id}")
+            state.drop_budget(data.budget_id)
+            changes.budgets.add(data.budget_id)
+            changes.budget_accounts.add(account.account_id)
             return account
         case "quota.token.issued":
             _issue_token(state, account, data, position)
@@ -228,9 +259,30 @@ def _apply_account(
                 allowed_models=tuple(data.allowed_models)
                 if data.allowed_models is not None
                 else token.allowed_models,
+                max_concurrent=data.max_concurrent
+                if "max_concurrent" in raw
+                else token.max_concurrent,
                 position=position,
             )
             state.tokens[token.token_id] = token
+            changes.tokens.add(token.token_id)
+            return account
+        case "quota.token.rotated":
+            token = _owned_token(state, account, data.token_id)
+            key = data.key_sha256.lower()
+            if token.revoked:
+                raise FoldError(f"token {token.token_id} is revoked")
+            if key in state.token_keys:
+                raise FoldError("key_sha256 is already used by another token")
+            state.tokens[token.token_id] = replace(
+                token,
+                key_sha256=key,
+                key_last6=data.key_last6,
+                previous_key_sha256=token.key_sha256,
+                previous_valid_until=data.previous_valid_until,
+                position=position,
+            )
+            state.token_keys[key] = token.token_id
             changes.tokens.add(token.token_id)
             return account
         case "quota.token.revoked":
@@ -239,7 +291,7 @@ def _apply_account(
             changes.tokens.add(token.token_id)
             return account
         case "quota.reservation.held":
-            return _hold(state, changes, account, data, position)
+            return _hold(state, changes, account, data, position, event.time or received_at)
         case "quota.reservation.settled":
             return _end_hold(state, changes, account, data.reservation_id, SETTLED, position,
                              data.actor, settled_amount=data.actual)  # fmt: skip
@@ -254,28 +306,194 @@ def _apply_account(
 
 
 def _hold(
-    state: State, changes: Changes, account: Account, data: ev.ReservationHeld, position: int
+    state: State,
+    changes: Changes,
+    account: Account,
+    data: ev.ReservationHeld,
+    position: int,
+    now: datetime | None,
 ) -> Account:
-    """Hold quota: never more than is available, so no interleaving can overdraw."""
+    """Hold quota, in check order: never more than is available (13), nor past a budget that
+    covers it (13a, 13b), nor past a concurrency cap (13c); so no interleaving can overdraw.
+    The hold function (migration 0007) decides the same, under the same lock, in SQL."""
     if data.reservation_id in state.reservations:
         raise FoldError(f"reservation {data.reservation_id} already exists")
-    available = account.balance - account.held
-    if available <= 0 or data.amount > available:
-        raise FoldError(
-            f"insufficient available quota on {account.account_id}: "
-            f"{available} available, {data.amount} asked"
+    refusal = hold_refusal(state, account, data.amount, data.token_id, data.model, now)
+    if refusal is not None:
+        raise FoldError(f"{refusal[0]}: {refusal[1]}")
+    state.put_reservation(
+        Reservation(
+            reservation_id=data.reservation_id,
+            account_id=account.account_id,
+            amount=data.amount,
+            request_id=data.request_id,
+            state=HELD,
+            expires_at=data.expires_at,
+            held_position=position,
+            token_id=data.token_id,
+            model=data.model,
         )
-    state.reservations[data.reservation_id] = Reservation(
-        reservation_id=data.reservation_id,
-        account_id=account.account_id,
-        amount=data.amount,
-        request_id=data.request_id,
-        state=HELD,
-        expires_at=data.expires_at,
-        held_position=position,
     )
     changes.reservations.add(data.reservation_id)
-    return _with_held(account, account.held + data.amount)
+    _budgets_hold(state, changes, account.account_id, data.token_id, data.model, data.amount)
+    return replace(account, held=account.held + data.amount, holds=account.holds + 1)
+
+
+#: The refusals of a hold, by check (13, 13a, 13b, 13c), named as the hold function names them.
+INSUFFICIENT: Final = "insufficient"
+BUDGET_EXCEEDED: Final = "budget_exceeded"
+TOKEN_BUDGET_EXCEEDED: Final = "token_budget_exceeded"
+CONCURRENCY_LIMITED: Final = "concurrency_limited"
+BUDGET_REFUSALS: Final = {ACCOUNT_SCOPE: BUDGET_EXCEEDED, TOKEN_SCOPE: TOKEN_BUDGET_EXCEEDED}
+
+
+def hold_refusal(
+    state: State,
+    account: Account,
+    amount: int,
+    token_id: str | None,
+    model: str | None,
+    now: datetime | None,
+) -> tuple[str, str] | None:
+    """Why a hold of `amount` by `token_id` on `model` is refused now, or None: check 13, then
+    each covering account budget (13a), token budget (13b), then the caps (13c). The refusal
+    is the hold function's outcome name and a sentence."""
+    available = account.balance - account.held
+    if available <= 0 or amount > available:
+        return INSUFFICIENT, (
+            f"insufficient available quota on {account.account_id}: "
+            f"{available} available, {amount} asked"
+        )
+    budgets = [b for b in state.account_budgets(account.account_id) if b.covers(token_id, model)]
+    for scope in (ACCOUNT_SCOPE, TOKEN_SCOPE):
+        for budget in budgets:
+            if budget.scope != scope:
+                continue
+            spent = budget_spent(state, budget, now)
+            if spent + budget.held + amount > budget.amount:
+                return BUDGET_REFUSALS[scope], (
+                    f"{scope} budget {budget.budget_id} exceeded: {spent} spent, "
+                    f"{budget.held} held, {amount} asked of {budget.amount}"
+                )
+    if account.max_concurrent is not None and account.holds >= account.max_concurrent:
+        return CONCURRENCY_LIMITED, (
+            f"{account.account_id} has {account.holds} of {account.max_concurrent} holds"
+        )
+    token = state.tokens.get(token_id) if token_id is not None else None
+    if token is not None and token.max_concurrent is not None:
+        active = sum(1 for r in state.active_reservations(account.account_id)
+                     if r.token_id == token_id)  # fmt: skip
+        if active >= token.max_concurrent:
+            return (
+                CONCURRENCY_LIMITED,
+                f"token {token_id} has {active} of {token.max_concurrent} holds",
+            )
+    return None
+
+
+def budget_spent(state: State, budget: Budget, now: datetime | None) -> int:
+    """The usage counted toward `budget` in its period holding `now`."""
+    if now is None:
+        return 0
+    start = period_start(budget.period, budget.timezone, now)
+    return state.budget_spend.get((budget.budget_id, start), 0)
+
+
+def _budgets_hold(
+    state: State, changes: Changes, account_id: str, token_id: str | None, model: str | None,
+    amount: int,
+) -> None:  # fmt: skip
+    """Add `amount` (negative: a hold ended) to the `held` of every budget covering it."""
+    for budget in state.account_budgets(account_id):
+        if budget.covers(token_id, model):
+            state.budgets[budget.budget_id] = replace(budget, held=budget.held + amount)
+            changes.budgets.add(budget.budget_id)
+            changes.budget_accounts.add(account_id)
+
+
+def _spend(state: State, changes: Changes, event: Event, when: datetime | None) -> None:
+    """Count a usage toward the periods of the budgets that cover it (and the usage buckets
+    a budget set later counts from)."""
+    data = cast(ev.AccountUsageRecorded, event.data)
+    if when is None or data.amount == 0:
+        return
+    account_id = event.subject
+    token_id, model = spender(state, event.subject, data)
+    key = (account_id, token_id, model, bucket(when))
+    state.usage[key] = state.usage.get(key, 0) + data.amount
+    if account_id not in state.account_budget_ids:
+        return
+    for budget in state.account_budgets(account_id):
+        if budget.covers(token_id, model):
+            spend_key = (budget.budget_id, period_start(budget.period, budget.timezone, when))
+            state.budget_spend[spend_key] = state.budget_spend.get(spend_key, 0) + data.amount
+            changes.budget_spend.add(spend_key)
+            changes.budget_accounts.add(account_id)
+
+
+def spender(
+    state: State, account_id: str, data: ev.AccountUsageRecorded
+) -> tuple[str | None, str | None]:
+    """Whose spend a usage is, (token_id, model): its own fields, else those of the hold it
+    settles (a gateway may settle with the reservation id alone)."""
+    token_id, model = data.token_id, data.model
+    if data.reservation_id is not None and (token_id is None or model is None):
+        held = state.reservations.get(data.reservation_id)
+        if held is not None and held.account_id == account_id:
+            token_id = token_id if token_id is not None else held.token_id
+            model = model if model is not None else held.model
+    return token_id, model
+
+
+def _set_budget(
+    state: State,
+    changes: Changes,
+    account: Account,
+    data: ev.BudgetSet,
+    position: int,
+    when: datetime | None,
+) -> None:
+    """Set (or replace) a budget. Its spend from the period holding `when` on is counted anew
+    from the usage history, so setting a budget mid-period counts what was already spent, and
+    replacing one never resets it."""
+    old = state.budgets.get(data.budget_id)
+    if old is not None and old.account_id != account.account_id:
+        raise FoldError(f"budget {data.budget_id} is a budget of {old.account_id}")
+    if data.scope == TOKEN_SCOPE:
+        _owned_token(state, account, cast(str, data.token_id))
+    if when is None:
+        raise FoldError("a budget needs the event's time")
+    budget = Budget(
+        budget_id=data.budget_id,
+        account_id=account.account_id,
+        scope=data.scope,
+        token_id=data.token_id,
+        model=data.model,
+        amount=data.amount,
+        period=data.period,
+        timezone=data.timezone,
+        held=sum(r.amount for r in state.active_reservations(account.account_id)
+                 if _covers(data, r.token_id, r.model)),
+        position=position,
+    )  # fmt: skip
+    state.put_budget(budget)
+    changes.budgets.add(budget.budget_id)
+    changes.budget_accounts.add(account.account_id)
+    start = period_start(budget.period, budget.timezone, when)
+    for key in [k for k in state.budget_spend if k[0] == budget.budget_id and k[1] >= start]:
+        del state.budget_spend[key]
+        changes.budget_spend.add(key)
+    for (owner, token_id, model, at), amount in state.usage.items():
+        if owner == account.account_id and at >= start and budget.covers(token_id, model):
+            key = (budget.budget_id, period_start(budget.period, budget.timezone, at))
+            state.budget_spend[key] = state.budget_spend.get(key, 0) + amount
+            changes.budget_spend.add(key)
+
+
+def _covers(data: ev.BudgetSet, token_id: str | None, model: str | None) -> bool:
+    if data.token_id is not None and token_id != data.token_id:
+        return False
+    return data.model is None or model == data.model
 
 
 def _end_hold(
@@ -296,23 +514,19 @@ def _end_hold(
         )
     if reservation.state != HELD:
         raise FoldError(f"reservation {reservation_id} is already {reservation.state}")
-    state.reservations[reservation_id] = replace(
-        reservation,
-        state=end,
-        ended_position=position,
-        settled_amount=settled_amount,
-        ended_by=actor,
+    state.put_reservation(
+        replace(
+            reservation,
+            state=end,
+            ended_position=position,
+            settled_amount=settled_amount,
+            ended_by=actor,
+        )
     )
     changes.reservations.add(reservation_id)
-    return _with_held(account, account.held - reservation.amount)
-
-
-def _with_held(account: Account, held: int) -> Account:
-    """`replace(account, held=held)`, without `replace`'s field walk (holds are a hot path)."""
-    return Account(
-        account.account_id, account.balance, held, account.status, account.role, account.group,
-        account.position,
-    )  # fmt: skip
+    _budgets_hold(state, changes, account.account_id, reservation.token_id, reservation.model,
+                  -reservation.amount)  # fmt: skip
+    return replace(account, held=account.held - reservation.amount, holds=account.holds - 1)
 
 
 def _issue_token(state: State, account: Account, data: ev.TokenIssued, position: int) -> None:
@@ -331,6 +545,7 @@ def _issue_token(state: State, account: Account, data: ev.TokenIssued, position:
         allowed_models=tuple(data.allowed_models),
         revoked=False,
         position=position,
+        max_concurrent=data.max_concurrent,
     )
     state.token_keys[key] = data.token_id
 

@@ -21,6 +21,9 @@ class Account:
     role: str = "user"
     group: str = "default"
     position: int = 0
+    #: At most this many active holds at once (None: no cap), and how many there are.
+    max_concurrent: int | None = None
+    holds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,10 @@ class Token:
     allowed_models: tuple[str, ...]
     revoked: bool
     position: int
+    max_concurrent: int | None = None
+    #: After a rotation: the previous key, accepted until `previous_valid_until`.
+    previous_key_sha256: str | None = None
+    previous_valid_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +75,8 @@ class RateLimit:
     requests: int
     window_seconds: int
     position: int
+    #: At most this much `estimated_cost` over allowed decisions per window (None: no cap).
+    units: int | None = None
 
 
 HELD: Final = "held"
@@ -91,6 +100,35 @@ class Reservation:
     ended_position: int | None = None
     settled_amount: int | None = None
     ended_by: str | None = None
+    token_id: str | None = None
+    model: str | None = None
+
+
+ACCOUNT_SCOPE: Final = "account"
+TOKEN_SCOPE: Final = "token"
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A cap on what an account (or one of its tokens; optionally for one model) may spend per
+    period. `held` is the active holds it covers, kept with it like an account's `held`."""
+
+    budget_id: str
+    account_id: str
+    scope: str
+    token_id: str | None
+    model: str | None
+    amount: int
+    period: str
+    timezone: str
+    held: int
+    position: int
+
+    def covers(self, token_id: str | None, model: str | None) -> bool:
+        """Whether spend (or a hold) by `token_id` on `model` counts toward this budget."""
+        if self.token_id is not None and token_id != self.token_id:
+            return False
+        return self.model is None or model == self.model
 
 
 @dataclass(slots=True)
@@ -104,8 +142,53 @@ class State:
     routes: dict[str, RoutePolicy] = field(default_factory=dict)
     rate_limits: dict[tuple[str, str], RateLimit] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
-    #: key_sha256 -> token_id for every known token (revoked ones too: a key is never reused).
+    #: key_sha256 -> token_id for every known token (revoked ones too: a key is never reused);
+    #: a rotated token's previous key too.
     token_keys: dict[str, str] = field(default_factory=dict)
+    budgets: dict[str, Budget] = field(default_factory=dict)
+    #: account_id -> its budgets' ids (an index over `budgets`).
+    account_budget_ids: dict[str, set[str]] = field(default_factory=dict)
+    #: (budget_id, period start) -> the usage spent in that period.
+    budget_spend: dict[tuple[str, datetime], int] = field(default_factory=dict)
+    #: account_id -> ids of its held reservations (an index over `reservations`; held for
+    #: the accounts whose reservations the state holds).
+    active: dict[str, set[str]] = field(default_factory=dict)
+    #: (account_id, token_id, model, 15-minute bucket start) -> usage amount. Not a projection:
+    #: what a budget set mid-period counts from the history (a replay folds it all; the ledger
+    #: reads the part a batch's budgets need from the event store).
+    usage: dict[tuple[str, str | None, str | None, datetime], int] = field(default_factory=dict)
+
+    def account_budgets(self, account_id: str) -> list[Budget]:
+        ids = self.account_budget_ids.get(account_id)
+        return [self.budgets[i] for i in sorted(ids)] if ids else []
+
+    def put_token(self, token: Token) -> None:
+        """Store a token row, indexing its key (and a rotated token's previous key)."""
+        self.tokens[token.token_id] = token
+        self.token_keys[token.key_sha256] = token.token_id
+        if token.previous_key_sha256 is not None:
+            self.token_keys[token.previous_key_sha256] = token.token_id
+
+    def put_budget(self, budget: Budget) -> None:
+        self.budgets[budget.budget_id] = budget
+        self.account_budget_ids.setdefault(budget.account_id, set()).add(budget.budget_id)
+
+    def drop_budget(self, budget_id: str) -> None:
+        budget = self.budgets.pop(budget_id, None)
+        if budget is not None:
+            self.account_budget_ids.get(budget.account_id, set()).discard(budget_id)
+
+    def put_reservation(self, reservation: Reservation) -> None:
+        """Store a reservation row, keeping the `active` index in step."""
+        self.reservations[reservation.reservation_id] = reservation
+        ids = self.active.setdefault(reservation.account_id, set())
+        if reservation.state == HELD:
+            ids.add(reservation.reservation_id)
+        else:
+            ids.discard(reservation.reservation_id)
+
+    def active_reservations(self, account_id: str) -> list[Reservation]:
+        return [self.reservations[i] for i in sorted(self.active.get(account_id, ()))]
 
     def copy(self) -> State:
         return State(
@@ -117,6 +200,11 @@ class State:
             rate_limits=dict(self.rate_limits),
             reservations=dict(self.reservations),
             token_keys=dict(self.token_keys),
+            budgets=dict(self.budgets),
+            account_budget_ids={key: set(ids) for key, ids in self.account_budget_ids.items()},
+            budget_spend=dict(self.budget_spend),
+            active={key: set(ids) for key, ids in self.active.items()},
+            usage=dict(self.usage),
         )
 
 
@@ -131,6 +219,11 @@ class Changes:
     routes: set[str] = field(default_factory=set)
     rate_limits: set[tuple[str, str]] = field(default_factory=set)
     reservations: set[str] = field(default_factory=set)
+    #: Budgets written or removed (`budget_spend` rows are only ever added to).
+    budgets: set[str] = field(default_factory=set)
+    budget_spend: set[tuple[str, datetime]] = field(default_factory=set)
+    #: The accounts whose budgets, or their spend or held, changed.
+    budget_accounts: set[str] = field(default_factory=set)
 
     @property
     def catalog(self) -> bool:

@@ -26,8 +26,11 @@ NOTIFY_MAX_BYTES: Final = 7_000
 
 #: The fields of an account row in a notification, in order; the hold function's SQL builds
 #: the same array (`json_build_array(account_id, balance, held, status, role, group_name,
-#: position)`), which tests/store/test_parity.py holds to this list.
-ACCOUNT_ROW_FIELDS: Final = ("account_id", "balance", "held", "status", "role", "group", "position")
+#: position, max_concurrent, holds)`), which tests/store/test_parity.py holds to this list.
+ACCOUNT_ROW_FIELDS: Final = (
+    "account_id", "balance", "held", "status", "role", "group", "position", "max_concurrent",
+    "holds",
+)  # fmt: skip
 
 
 def account_row(account: Account) -> list[Any]:
@@ -52,6 +55,8 @@ class Notification:
     account_rows: tuple[Account, ...] = ()
     tokens: tuple[str, ...] = ()
     rate_limits: tuple[tuple[str, str], ...] = ()
+    #: Accounts whose budgets (or their spend or held) changed.
+    budgets: tuple[str, ...] = ()
     catalog: bool = False
     ledger: bool = False
     heartbeat: bool = False
@@ -74,6 +79,8 @@ class Notification:
             payload["tokens"] = list(self.tokens)
         if self.rate_limits:
             payload["rate_limits"] = [list(key) for key in self.rate_limits]
+        if self.budgets:
+            payload["budgets"] = list(self.budgets)
         if self.catalog:
             payload["catalog"] = True
         if self.ledger:
@@ -99,6 +106,7 @@ class Notification:
                 account_rows=tuple(account_from_row(r) for r in raw.get("account_rows") or ()),
                 tokens=tuple(str(t) for t in raw.get("tokens") or ()),
                 rate_limits=tuple((str(k[0]), str(k[1])) for k in raw.get("rate_limits") or ()),
+                budgets=tuple(str(a) for a in raw.get("budgets") or ()),
                 catalog=bool(raw.get("catalog")),
                 ledger=bool(raw.get("ledger")),
                 heartbeat=bool(raw.get("heartbeat")),
@@ -113,7 +121,8 @@ def notify_payload(position: int, changes: Changes, state: State | None = None) 
 
     With `state`, up to NOTIFY_MAX_ROWS changed accounts travel as whole rows, so listeners
     need not read them back: a hold's commit reaches every policy replica without a query."""
-    keys = len(changes.accounts) + len(changes.tokens) + len(changes.rate_limits)
+    keys = (len(changes.accounts) + len(changes.tokens) + len(changes.rate_limits)
+            + len(changes.budget_accounts))  # fmt: skip
     if keys > NOTIFY_MAX_KEYS:
         return Notification(position, all=True)
     names = Notification(
@@ -121,6 +130,7 @@ def notify_payload(position: int, changes: Changes, state: State | None = None) 
         accounts=tuple(sorted(changes.accounts)),
         tokens=tuple(sorted(changes.tokens)),
         rate_limits=tuple(sorted(changes.rate_limits)),
+        budgets=tuple(sorted(changes.budget_accounts)),
         catalog=changes.catalog,
     )
     if state is not None and 0 < len(changes.accounts) <= NOTIFY_MAX_ROWS:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
 
+from services.contract.events import AccountUsageRecorded
+from services.store import budget_store
 from services.store.model import (
     Account,
     Changes,
@@ -26,16 +29,21 @@ from services.store.model import (
 #: Every projection table's columns, in the order rows are written and read (replay's COPY,
 #: the fold's rows, the SELECTs below).
 PROJECTION_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
-    "accounts": ("account_id", "balance", "held", "status", "role", "group_name", "position"),
+    "accounts": ("account_id", "balance", "held", "status", "role", "group_name", "position",
+                 "max_concurrent", "holds"),
     "tokens": ("token_id", "account_id", "key_sha256", "key_last6", "expires_at",
-               "allowed_cidrs", "allowed_models", "revoked", "position"),
+               "allowed_cidrs", "allowed_models", "revoked", "position", "max_concurrent",
+               "previous_key_sha256", "previous_valid_until"),
     "channels": ("channel_id", "models", "groups", "enabled", "rate_limited_until", "position"),
     "models": ("model", "kind", "limits", "position"),
     "route_policies": ("route", "min_role", "position"),
-    "rate_limits": ("account_id", "model", "requests", "window_seconds", "position"),
+    "rate_limits": ("account_id", "model", "requests", "window_seconds", "position", "units"),
     "reservations": ("reservation_id", "account_id", "amount", "request_id", "state",
                      "expires_at", "held_position", "ended_position", "settled_amount",
-                     "ended_by"),
+                     "ended_by", "token_id", "model"),
+    "budgets": ("budget_id", "account_id", "scope", "token_id", "model", "amount", "period",
+                "timezone", "held", "position"),
+    "budget_spend": ("budget_id", "period_start", "spent"),
 }  # fmt: skip
 
 #: The account columns, as SELECTs list them.
@@ -53,6 +61,11 @@ class StateKeys:
     channels: set[int]
     rate_limits: set[tuple[str, str]]
     reservations: set[str] = field(default_factory=set)
+    #: Each usage: its account, its data, and its time (the budget periods it counts in).
+    usage: list[tuple[str, AccountUsageRecorded, datetime]] = field(default_factory=list)
+    #: account_id -> from when its budgets set in the batch count usage (the earliest period
+    #: one of them could start in: 32 days before it, or the beginning for a `total`).
+    budget_sets: dict[str, datetime] = field(default_factory=dict)
 
 
 async def load_state(conn: asyncpg.Connection, keys: StateKeys) -> State:
@@ -69,13 +82,12 @@ async def load_state(conn: asyncpg.Connection, keys: StateKeys) -> State:
             """
             SELECT * FROM tokens
             WHERE token_id = ANY($1::text[]) OR key_sha256 = ANY($2::text[])
+               OR previous_key_sha256 = ANY($2::text[])
             """,
             list(keys.tokens),
             list(keys.token_keys),
         ):
-            token = _token(row)
-            state.tokens[token.token_id] = token
-            state.token_keys[token.key_sha256] = token.token_id
+            state.put_token(_token(row))
     if keys.channels:
         for row in await conn.fetch(
             "SELECT * FROM channels WHERE channel_id = ANY($1::bigint[])", list(keys.channels)
@@ -84,21 +96,25 @@ async def load_state(conn: asyncpg.Connection, keys: StateKeys) -> State:
             state.channels[channel.channel_id] = channel
     if keys.reservations:
         for reservation in await load_reservations(conn, sorted(keys.reservations)):
-            state.reservations[reservation.reservation_id] = reservation
+            state.put_reservation(reservation)
+    if keys.accounts:
+        await budget_store.load_for_batch(conn, state, keys)
     return state
 
 
-async def load_all(conn: asyncpg.Connection, *, reservations: bool = True) -> State:
+async def load_all(
+    conn: asyncpg.Connection, *, reservations: bool = True, spend_since: datetime | None = None
+) -> State:
     """Every projection row, as the fold's state (verify and replay use this). Without
     `reservations` (the policy snapshot, which decides without them) the reservations, every
-    hold ever made, are left out: they grow with the history, the rest with the accounts."""
+    hold ever made, are left out: they grow with the history, the rest with the accounts.
+    With `spend_since`, only budget spend rows of periods starting then or later (and
+    `total`s)."""
     state = State()
     for row in await conn.fetch(_SELECT_ACCOUNTS):
         state.accounts[row["account_id"]] = _account(row)
     for row in await conn.fetch("SELECT * FROM tokens"):
-        token = _token(row)
-        state.tokens[token.token_id] = token
-        state.token_keys[token.key_sha256] = token.token_id
+        state.put_token(_token(row))
     catalog = await load_catalog(conn)
     state.channels, state.models, state.routes = catalog.channels, catalog.models, catalog.routes
     for row in await conn.fetch("SELECT * FROM rate_limits"):
@@ -106,8 +122,8 @@ async def load_all(conn: asyncpg.Connection, *, reservations: bool = True) -> St
         state.rate_limits[(limit.account_id, limit.model)] = limit
     if reservations:
         for row in await conn.fetch("SELECT * FROM reservations"):
-            reservation = reservation_from_row(row)
-            state.reservations[reservation.reservation_id] = reservation
+            state.put_reservation(reservation_from_row(row))
+    await budget_store.load_all(conn, state, spend_since)
     return state
 
 
@@ -125,13 +141,15 @@ async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes
         rows = [state.accounts[key] for key in sorted(changes.accounts)]
         await conn.execute(
             """
-            INSERT INTO accounts (account_id, balance, held, status, role, group_name, position)
+            INSERT INTO accounts (account_id, balance, held, status, role, group_name, position,
+                                  max_concurrent, holds)
             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
-                                 $6::text[], $7::bigint[])
+                                 $6::text[], $7::bigint[], $8::integer[], $9::integer[])
             ON CONFLICT (account_id) DO UPDATE SET
                 balance = EXCLUDED.balance, held = EXCLUDED.held, status = EXCLUDED.status,
                 role = EXCLUDED.role, group_name = EXCLUDED.group_name,
-                position = EXCLUDED.position
+                position = EXCLUDED.position, max_concurrent = EXCLUDED.max_concurrent,
+                holds = EXCLUDED.holds
             """,
             [a.account_id for a in rows],
             [a.balance for a in rows],
@@ -140,17 +158,23 @@ async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes
             [a.role for a in rows],
             [a.group for a in rows],
             [a.position for a in rows],
+            [a.max_concurrent for a in rows],
+            [a.holds for a in rows],
         )
     if changes.tokens:
         await conn.executemany(
             """
             INSERT INTO tokens (token_id, account_id, key_sha256, key_last6, expires_at,
-                                allowed_cidrs, allowed_models, revoked, position)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                                allowed_cidrs, allowed_models, revoked, position, max_concurrent,
+                                previous_key_sha256, previous_valid_until)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
             ON CONFLICT (token_id) DO UPDATE SET
+                key_sha256 = EXCLUDED.key_sha256, key_last6 = EXCLUDED.key_last6,
                 expires_at = EXCLUDED.expires_at, allowed_cidrs = EXCLUDED.allowed_cidrs,
                 allowed_models = EXCLUDED.allowed_models, revoked = EXCLUDED.revoked,
-                position = EXCLUDED.position
+                position = EXCLUDED.position, max_concurrent = EXCLUDED.max_concurrent,
+                previous_key_sha256 = EXCLUDED.previous_key_sha256,
+                previous_valid_until = EXCLUDED.previous_valid_until
             """,
             [_token_tuple(state.tokens[key]) for key in sorted(changes.tokens)],
         )
@@ -192,11 +216,12 @@ async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes
         if present:
             await conn.executemany(
                 """
-                INSERT INTO rate_limits (account_id, model, requests, window_seconds, position)
-                VALUES ($1, $2, $3, $4, $5)
+                INSERT INTO rate_limits (account_id, model, requests, window_seconds, position,
+                                         units)
+                VALUES ($1, $2, $3, $4, $5, $6)
                 ON CONFLICT (account_id, model) DO UPDATE SET
                     requests = EXCLUDED.requests, window_seconds = EXCLUDED.window_seconds,
-                    position = EXCLUDED.position
+                    position = EXCLUDED.position, units = EXCLUDED.units
                 """,
                 [_rate_limit_tuple(r) for r in present],
             )
@@ -209,14 +234,15 @@ async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes
             """
             INSERT INTO reservations (reservation_id, account_id, amount, request_id, state,
                                       expires_at, held_position, ended_position,
-                                      settled_amount, ended_by)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                                      settled_amount, ended_by, token_id, model)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
             ON CONFLICT (reservation_id) DO UPDATE SET
                 state = EXCLUDED.state, ended_position = EXCLUDED.ended_position,
                 settled_amount = EXCLUDED.settled_amount, ended_by = EXCLUDED.ended_by
             """,
             [_reservation_tuple(state.reservations[key]) for key in sorted(changes.reservations)],
         )
+    await budget_store.write_changes(conn, state, changes)
 
 
 #: Every projection table and its columns, in the order of `projection_rows`' tuples.
@@ -226,7 +252,17 @@ def projection_rows(state: State) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every projection table that `state` holds, per table."""
     return {
         "accounts": [
-            (a.account_id, a.balance, a.held, a.status, a.role, a.group, a.position)
+            (
+                a.account_id,
+                a.balance,
+                a.held,
+                a.status,
+                a.role,
+                a.group,
+                a.position,
+                a.max_concurrent,
+                a.holds,
+            )
             for a in state.accounts.values()
         ],
         "tokens": [_token_tuple(t) for t in state.tokens.values()],
@@ -235,6 +271,7 @@ def projection_rows(state: State) -> dict[str, list[tuple[Any, ...]]]:
         "route_policies": [_route_tuple(r) for r in state.routes.values()],
         "rate_limits": [_rate_limit_tuple(r) for r in state.rate_limits.values()],
         "reservations": [_reservation_tuple(r) for r in state.reservations.values()],
+        **budget_store.projection_rows(state),
     }
 
 
@@ -259,12 +296,13 @@ def _route_tuple(r: RoutePolicy) -> tuple[Any, ...]:
 
 
 def _rate_limit_tuple(r: RateLimit) -> tuple[Any, ...]:
-    return (r.account_id, r.model, r.requests, r.window_seconds, r.position)
+    return (r.account_id, r.model, r.requests, r.window_seconds, r.position, r.units)
 
 
 def _reservation_tuple(r: Reservation) -> tuple[Any, ...]:
     return (r.reservation_id, r.account_id, r.amount, r.request_id, r.state, r.expires_at,
-            r.held_position, r.ended_position, r.settled_amount, r.ended_by)  # fmt: skip
+            r.held_position, r.ended_position, r.settled_amount, r.ended_by, r.token_id,
+            r.model)  # fmt: skip
 
 
 def reservation_from_row(row: Mapping[str, Any]) -> Reservation:
@@ -279,6 +317,8 @@ def reservation_from_row(row: Mapping[str, Any]) -> Reservation:
         ended_position=row["ended_position"],
         settled_amount=row["settled_amount"],
         ended_by=row["ended_by"],
+        token_id=row["token_id"],
+        model=row["model"],
     )
 
 
@@ -301,6 +341,8 @@ def _account(row: Mapping[str, Any]) -> Account:
         role=row["role"],
         group=row["group_name"],
         position=row["position"],
+        max_concurrent=row["max_concurrent"],
+        holds=row["holds"],
     )
 
 
@@ -315,6 +357,9 @@ def _token(row: Mapping[str, Any]) -> Token:
         allowed_models=tuple(row["allowed_models"]),
         revoked=row["revoked"],
         position=row["position"],
+        max_concurrent=row["max_concurrent"],
+        previous_key_sha256=row["previous_key_sha256"],
+        previous_valid_until=row["previous_valid_until"],
     )
 
 
@@ -329,6 +374,9 @@ def _token_tuple(t: Token) -> tuple[Any, ...]:
         list(t.allowed_models),
         t.revoked,
         t.position,
+        t.max_concurrent,
+        t.previous_key_sha256,
+        t.previous_valid_until,
     )
 
 
@@ -367,8 +415,9 @@ async def load_rate_limits(conn: asyncpg.Connection, account_ids: Sequence[str])
 
 def _rate_limit(row: Mapping[str, Any]) -> RateLimit:
     return RateLimit(
-        row["account_id"], row["model"], row["requests"], row["window_seconds"], row["position"]
-    )
+        row["account_id"], row["model"], row["requests"], row["window_seconds"], row["position"],
+        row["units"],
+    )  # fmt: skip
 
 
 async def load_catalog(conn: asyncpg.Connection) -> State:

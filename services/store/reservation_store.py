@@ -32,14 +32,16 @@ class NewHold:
     time: datetime
     payload: str
     digest: str
+    token_id: str | None = None
+    model: str | None = None
 
 
 _HOLD: Final = """
 SELECT idx, outcome, reservation_id, amount, request_id, expires_at, held_position, balance,
-       held, state
+       held, state, budget_id, budgets
 FROM quota_hold($1::text[], $2::text[], $3::bigint[], $4::text[], $5::timestamptz[],
                 $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10, $11, $12, $13,
-                $14, $15, $16)
+                $14, $15, $16, $17::text[], $18::text[])
 """
 
 
@@ -51,10 +53,13 @@ async def hold(
     now: datetime,
 ) -> list[asyncpg.Record]:
     """Fold, chain and store a group of holds in ONE statement (`quota_hold()`, migrations
-    0004-0006, under the head lock, notifying within `services.store.notify`'s limits): one
-    round trip, committed on its own when the connection is not in a transaction. One row per
-    hold, in order: `outcome` is `held`, `repeated` (the request id's reservation within its
-    TTL, whatever its `state`) or `insufficient` (check 13: `state` NULL)."""
+    0007, under the head lock, notifying within `services.store.notify`'s limits): one round
+    trip, committed on its own when the connection is not in a transaction. One row per hold,
+    in order: `outcome` is `held`, `repeated` (the request id's reservation within its TTL,
+    whatever its `state`), or a refusal with `state` NULL: `insufficient` (check 13),
+    `budget_exceeded` / `token_budget_exceeded` (13a, 13b: `budget_id` says which) or
+    `concurrency_limited` (13c). `budgets` is JSON: the covering budgets' figures after a
+    hold, or the refusing budget's."""
     rows: list[asyncpg.Record] = await conn.fetch(
         _HOLD,
         [h.account_id for h in holds],
@@ -73,6 +78,8 @@ async def hold(
         NOTIFY_MAX_ROWS,
         NOTIFY_MAX_BYTES,
         NOTIFY_MAX_KEYS,
+        [h.token_id for h in holds],
+        [h.model for h in holds],
     )
     return rows
 

@@ -125,6 +125,8 @@ class AccountRow(SQLModel, table=True):
     role: str = Field(sa_column=Column(Text, nullable=False))
     group_name: str = Field(sa_column=Column(Text, nullable=False))
     position: int = Field(sa_column=Column(BigInteger, nullable=False))
+    max_concurrent: int | None = Field(default=None, sa_column=Column(Integer))
+    holds: int = Field(sa_column=Column(Integer, nullable=False, server_default=text("0")))
 
 
 class TokenRow(SQLModel, table=True):
@@ -139,6 +141,9 @@ class TokenRow(SQLModel, table=True):
     allowed_models: list[str] = Field(sa_column=Column(ARRAY(Text), nullable=False))
     revoked: bool = Field(nullable=False)
     position: int = Field(sa_column=Column(BigInteger, nullable=False))
+    max_concurrent: int | None = Field(default=None, sa_column=Column(Integer))
+    previous_key_sha256: str | None = Field(default=None, sa_column=Column(Text))
+    previous_valid_until: datetime | None = Field(default=None, sa_column=_tz())
 
 
 class ChannelRow(SQLModel, table=True):
@@ -177,6 +182,7 @@ class RateLimitRow(SQLModel, table=True):
     requests: int = Field(sa_column=Column(Integer, nullable=False))
     window_seconds: int = Field(sa_column=Column(Integer, nullable=False))
     position: int = Field(sa_column=Column(BigInteger, nullable=False))
+    units: int | None = Field(default=None, sa_column=Column(BigInteger))
 
 
 class ReservationRow(SQLModel, table=True):
@@ -186,6 +192,12 @@ class ReservationRow(SQLModel, table=True):
     __table_args__ = (
         Index("ix_reservations_account_request", "account_id", "request_id"),
         Index("ix_reservations_state_expires", "state", "expires_at"),
+        # the holds' concurrency and budget checks read an account's active holds
+        Index(
+            "ix_reservations_active_account",
+            "account_id",
+            postgresql_where=text("state = 'held'"),
+        ),
     )
 
     reservation_id: str = Field(sa_column=Column(Text, primary_key=True))
@@ -198,3 +210,35 @@ class ReservationRow(SQLModel, table=True):
     ended_position: int | None = Field(default=None, sa_column=Column(BigInteger))
     settled_amount: int | None = Field(default=None, sa_column=Column(BigInteger))
     ended_by: str | None = Field(default=None, sa_column=Column(Text))
+    token_id: str | None = Field(default=None, sa_column=Column(Text))
+    model: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class BudgetRow(SQLModel, table=True):
+    """A cap on an account's (or a token's) spend per period; `held`: the active holds it
+    covers."""
+
+    __tablename__ = "budgets"
+
+    budget_id: str = Field(sa_column=Column(Text, primary_key=True))
+    account_id: str = Field(sa_column=Column(Text, nullable=False, index=True))
+    scope: str = Field(sa_column=Column(Text, nullable=False))
+    token_id: str | None = Field(default=None, sa_column=Column(Text))
+    model: str | None = Field(default=None, sa_column=Column(Text))
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    period: str = Field(sa_column=Column(Text, nullable=False))
+    timezone: str = Field(sa_column=Column(Text, nullable=False))
+    held: int = Field(sa_column=Column(BigInteger, nullable=False))
+    position: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class BudgetSpendRow(SQLModel, table=True):
+    """The usage counted toward a budget in one of its periods (by the usage's event time)."""
+
+    __tablename__ = "budget_spend"
+
+    budget_id: str = Field(sa_column=Column(Text, primary_key=True))
+    period_start: datetime = Field(
+        sa_column=Column(DateTime(timezone=True), primary_key=True, nullable=False)
+    )
+    spent: int = Field(sa_column=Column(BigInteger, nullable=False))

@@ -14,11 +14,14 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from services.settings import Settings
 
@@ -26,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+PYPROJECT = ROOT / "pyproject.toml"
+LOCK = ROOT / "requirements" / "lock.txt"
+RUNTIME_LOCK = ROOT / "requirements" / "runtime.txt"
 
 # The configuration an operator is told about; anything else named QUOTA_* is a typo or an
 # undocumented knob.
@@ -132,6 +138,32 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
         keyword, _, args = full.partition(" ")
         instructions.append((keyword.upper(), args.strip()))
     return instructions
+
+
+def _pip_installs() -> list[list[str]]:
+    """The argv after `pip install` of every pip install in the Dockerfile's RUN steps, in order."""
+    installs: list[list[str]] = []
+    for keyword, args in _dockerfile_instructions():
+        if keyword != "RUN":
+            continue
+        for command in re.split(r"&&|;", args):
+            argv = shlex.split(command)
+            for start in range(len(argv) - 1):
+                if argv[start].endswith("pip") and argv[start + 1] == "install":
+                    installs.append(argv[start + 2 :])
+                    break
+    return installs
+
+
+def _locked(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
+    """A hashed pip-compile lock as canonical name -> (pinned version, its hashes)."""
+    pins: dict[str, tuple[str, frozenset[str]]] = {}
+    for entry in re.split(r"\n(?=\S)", path.read_text(encoding="utf-8")):
+        match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", entry)
+        if match:
+            hashes = frozenset(re.findall(r"--hash=(sha256:[0-9a-f]{64})", entry))
+            pins[canonicalize_name(match[1])] = (match[2], hashes)
+    return pins
 
 
 def _stage_instructions(name: str) -> list[str]:
@@ -342,6 +374,43 @@ def test_dockerfile_base_user_and_install() -> None:
     runs = " ".join(args for keyword, args in _dockerfile_instructions() if keyword == "RUN")
     assert re.search(r"pip install (--\S+ )*\.(\s|$)", runs), "project must be pip-installed"
     assert "[dev]" not in runs
+
+
+def test_dockerfile_installs_from_the_hashed_runtime_lock() -> None:
+    installs = _pip_installs()
+    locked = [argv for argv in installs if "--require-hashes" in argv]
+    assert locked, "the image must install its dependencies with --require-hashes"
+    assert any(
+        argv[argv.index(flag) + 1] == "requirements/runtime.txt"
+        for argv in locked
+        for flag in ("-r", "--requirement")
+        if flag in argv[:-1]
+    ), locked
+    # Everything else is the project itself, without resolving anything: no unpinned
+    # `pip install --upgrade pip`, no `pip install .` pulling in ranges.
+    for argv in installs:
+        assert argv in locked or "--no-deps" in argv, argv
+    project = [i for i, argv in enumerate(installs) if "." in argv]
+    assert project and "--no-deps" in installs[project[-1]], installs
+    assert installs.index(locked[0]) < project[-1], "dependencies go in before the project"
+
+
+def test_runtime_lock_is_the_runtime_part_of_the_lock() -> None:
+    """requirements/runtime.txt: every runtime dependency and pip, pinned and hashed exactly as in
+    requirements/lock.txt (what CI tests), and none of the dev extra."""
+    runtime, full = _locked(RUNTIME_LOCK), _locked(LOCK)
+    for name, (version, hashes) in runtime.items():
+        assert hashes, f"{name} has no hashes in {RUNTIME_LOCK.name}"
+        assert full.get(name) == (version, hashes), f"{name}=={version} differs from {LOCK.name}"
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    wanted = {canonicalize_name(Requirement(spec).name) for spec in project["dependencies"]}
+    missing = (wanted | {"pip"}) - runtime.keys()
+    assert not missing, f"run `python3 bootstrap.py lock`: {sorted(missing)} not locked"
+    dev = {
+        canonicalize_name(Requirement(spec).name)
+        for spec in project["optional-dependencies"]["dev"]
+    }
+    assert not dev & runtime.keys(), sorted(dev & runtime.keys())
 
 
 def test_dockerignore_keeps_local_state_out() -> None:

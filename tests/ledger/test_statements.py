@@ -19,7 +19,7 @@ from services.ledger.audit_api import router
 from services.ledger.statement_cli import statement_command
 from services.ledger.statements import CSV_COLUMNS, parse_csv
 from services.settings import Settings
-from tests.builders import cloud_event, produce, recharge, usage, wait_for_position
+from tests.builders import cloud_event, limits_set, produce, recharge, usage, wait_for_position
 from tests.conftest import ADMIN_TOKEN
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -56,7 +56,32 @@ def _history() -> list[tuple[dict[str, Any], int]]:
             cloud_event("quota.account.refunded", s, {"amount": 100}, event_id="s5", time=_at(5)),
             100,
         ),
+        # Budget and limit changes are entries too: amount 0, the balance unchanged.
+        (
+            cloud_event(
+                "quota.budget.set",
+                s,
+                {
+                    "budget_id": "b_day",
+                    "scope": "account",
+                    "amount": 500,
+                    "period": "day",
+                    "timezone": "Europe/Berlin",
+                },
+                event_id="s5a",
+                time=_at(5.75),
+                source="admin",
+            ),
+            0,
+        ),
+        (limits_set(s, 2) | {"id": "s5b", "time": _at(5.9)}, 0),
         (cloud_event("quota.account.reinstated", s, {}, event_id="s6", time=_at(6)), 0),
+        (
+            cloud_event(
+                "quota.budget.removed", s, {"budget_id": "b_day"}, event_id="s6a", time=_at(6.75)
+            ),
+            0,
+        ),
         (
             cloud_event(
                 "quota.account.adjusted",
@@ -159,8 +184,10 @@ async def test_whole_statement(ledger: Ledger) -> None:
     assert body["account_id"] == ACCOUNT
     assert body["opening_balance"] == 0
     assert body["entries"] == ledger.expected[ACCOUNT]
-    assert [e["balance"] for e in body["entries"]] == [0, 1000, 700, 650, 650, 750, 750, 775]
-    assert [e["amount"] for e in body["entries"]] == [0, 1000, -300, -50, 0, 100, 0, 25]
+    assert [e["balance"] for e in body["entries"]] == [
+        0, 1000, 700, 650, 650, 750, 750, 750, 750, 750, 775
+    ]  # fmt: skip
+    assert [e["amount"] for e in body["entries"]] == [0, 1000, -300, -50, 0, 100, 0, 0, 0, 0, 25]
     assert body["closing_balance"] == 775
     assert body["next"] is None
     assert all(e["time"].endswith("Z") for e in body["entries"])
@@ -171,6 +198,35 @@ async def test_whole_statement(ledger: Ledger) -> None:
     for account, balance in ((ACCOUNT, 775), (OTHER, 385)):
         projected = (await ledger.client.get(f"/accounts/{account}", headers=AUTH)).json()
         assert projected["balance"] == balance
+
+
+async def test_budget_and_limit_changes_are_entries(ledger: Ledger) -> None:
+    """An auditor sees when a cap changed: each budget set or removed and each limits change is
+    an entry of its own type, moving nothing; the money figures are those without them."""
+    body = await _statement(ledger)
+    changes = [e for e in body["entries"] if e["event_id"] in ("s5a", "s5b", "s6a")]
+    assert [(e["type"], e["amount"], e["balance"]) for e in changes] == [
+        ("quota.budget.set", 0, 750),
+        ("quota.account.limits_set", 0, 750),
+        ("quota.budget.removed", 0, 750),
+    ]
+    assert changes[0]["source"] == "admin"
+    assert changes[0]["time"] == _at(5.75)
+    money = [e for e in body["entries"] if e["amount"] != 0]
+    assert [e["event_id"] for e in money] == ["s1", "s2", "s3", "s5", "s7"]
+    assert (body["opening_balance"], body["closing_balance"]) == (0, 775)
+    window = await _statement(
+        ledger, since=ledger.entry("s5a")["time"], until=ledger.entry("s7")["time"]
+    )
+    assert [e["event_id"] for e in window["entries"]] == ["s5a", "s5b", "s6", "s6a"]
+    assert (window["opening_balance"], window["closing_balance"]) == (750, 750)
+    csv = await ledger.client.get(
+        f"/accounts/{ACCOUNT}/statement", params={"format": "csv"}, headers=AUTH
+    )
+    assert csv.text.splitlines()[0] == ",".join(CSV_COLUMNS)
+    rows = {row["event_id"]: row for row in parse_csv(csv.text)}
+    assert rows["s6a"] == ledger.entry("s6a")
+    assert (rows["s6a"]["type"], rows["s6a"]["amount"]) == ("quota.budget.removed", 0)
 
 
 @pytest.mark.parametrize("by", ["time", "position"])
@@ -186,7 +242,7 @@ async def test_since_inclusive_until_exclusive(ledger: Ledger, by: str) -> None:
     assert body["entries"] == [ledger.entry(i) for i in ("s2", "s3", "s4")]
 
     since_only = await _statement(ledger, since=bound("s6"))
-    assert [e["event_id"] for e in since_only["entries"]] == ["s6", "s7"]
+    assert [e["event_id"] for e in since_only["entries"]] == ["s6", "s6a", "s7"]
     assert since_only["opening_balance"] == 750
     until_only = await _statement(ledger, until=bound("s1"))
     assert [e["event_id"] for e in until_only["entries"]] == ["s0"]
@@ -214,7 +270,9 @@ async def test_pages_join_up_exactly(ledger: Ledger, limit: int) -> None:
     windowed, _ = await _all_pages(
         ledger, limit=limit, since=ledger.entry("s1")["time"], until=ledger.entry("s7")["time"]
     )
-    assert [e["event_id"] for e in windowed] == ["s1", "s2", "s3", "s4", "s5", "s6"]
+    assert [e["event_id"] for e in windowed] == [
+        "s1", "s2", "s3", "s4", "s5", "s5a", "s5b", "s6", "s6a"
+    ]  # fmt: skip
 
 
 async def test_first_page_cursor_and_opening(ledger: Ledger) -> None:
@@ -263,7 +321,7 @@ async def test_csv_pages_follow_the_link_header(ledger: Ledger) -> None:
         assert f"cursor={cursor}" in url
         assert "format=csv" in url
     assert rows == ledger.expected[ACCOUNT]
-    assert len(cursors) == 2
+    assert len(cursors) == 3
 
 
 async def _balance(ledger: Ledger, as_of: str, account: str = ACCOUNT) -> dict[str, Any]:

@@ -4,10 +4,12 @@ a real headless Chromium against a real ledger whose history came through Kafka.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,7 +29,17 @@ from services.infra.broker import free_port
 from services.ledger import app as ledger_app
 from services.ledger import audit_api, ui
 from services.settings import Settings
-from tests.builders import cloud_event, produce, recharge, usage, wait_for, wait_for_position
+from tests.builders import (
+    budget_set,
+    cloud_event,
+    limits_set,
+    produce,
+    recharge,
+    token_issued,
+    usage,
+    wait_for,
+    wait_for_position,
+)
 from tests.conftest import ADMIN_TOKEN
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -338,3 +350,199 @@ async def test_page_shows_an_account_like_the_api(settings: Settings, pool: asyn
     assert seen["verify"]["differences"] == "none"
     assert seen["console"] == []
     assert SCREENSHOT.stat().st_size > 0
+
+
+# --- keys and budgets -----------------------------------------------------------------------
+
+KEY_1 = "sk-ui-limits-key-00000000000000000000a1b2c3"
+KEY_2 = "sk-ui-limits-key-00000000000000000000d4e5f6"
+#: Ids that would be markup if the page ever rendered data as HTML.
+MARKUP_TOKEN = 'tok_<b id="injected-b">x</b>'
+MARKUP_BUDGET = 'b_<img src="x" id="injected-img">'
+
+
+def _text(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _limits_history(account: str, now: datetime) -> list[dict[str, Any]]:
+    def timed(event: dict[str, Any]) -> dict[str, Any]:
+        return {**event, "time": _text(now)}
+
+    hold = {"reservation_id": "r_ui", "amount": 100, "actor": "tests", "token_id": "tok_ui_1",
+            "model": "gpt-4o", "expires_at": _text(now + timedelta(hours=1))}  # fmt: skip
+    return [
+        recharge(account, 100_000),
+        token_issued(
+            account,
+            "tok_ui_1",
+            KEY_1,
+            allowed_models=["gpt-4o", "o3"],
+            allowed_cidrs=["10.0.0.0/8"],
+            max_concurrent=2,
+            expires_at=_text(now + timedelta(days=30)),
+        ),
+        token_issued(account, MARKUP_TOKEN, KEY_2),
+        cloud_event("quota.token.revoked", account, {"token_id": MARKUP_TOKEN}),
+        limits_set(account, 4),
+        timed(budget_set(account, "b_day", 1_000, "day", timezone="Asia/Kolkata")),
+        timed(
+            budget_set(
+                account,
+                MARKUP_BUDGET,
+                500,
+                "week",
+                scope="token",
+                token_id="tok_ui_1",
+                model="gpt-4o",
+                timezone="Europe/Berlin",
+            )
+        ),
+        timed(budget_set(account, "b_total", 100, "total")),
+        timed(cloud_event("quota.reservation.held", account, hold)),
+        timed(usage(account, 250, {"token_id": "tok_ui_1", "model": "gpt-4o"})),
+        timed(cloud_event("quota.budget.removed", account, {"budget_id": "b_total"})),
+        timed(budget_set(account, "b_total", 100, "total")),
+    ]
+
+
+def _open_account(driver: WebDriver, url: str, account: str) -> WebDriverWait[webdriver.Chrome]:
+    wait = WebDriverWait(driver, 30)
+    driver.get(f"{url}/ui")
+    driver.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
+    driver.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
+    wait.until(expected_conditions.visibility_of_element_located((By.ID, "search")))
+    search = driver.find_element(By.ID, "search")
+    search.send_keys(account)
+    search.submit()
+    wait.until(lambda d: _attr(d, "results", "data-prefix") == account)
+    choice = (By.CSS_SELECTOR, f"#results button[data-account='{account}']")
+    wait.until(expected_conditions.element_to_be_clickable(choice)).click()
+    wait.until(lambda d: _attr(d, "account", "data-loaded") == "true")
+    return cast(WebDriverWait[webdriver.Chrome], wait)
+
+
+def _browse_limits(url: str, account: str) -> dict[str, Any]:
+    """Open the account's page; return its keys, budgets and limit changes as shown."""
+    seen: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="quota-ui-chromium-") as profile:
+        driver = _chrome(profile)
+        try:
+            _open_account(driver, url, account)
+            seen["keys"] = [
+                [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+                for row in driver.find_elements(By.CSS_SELECTOR, "#keys tbody tr")
+            ]
+            seen["key_times"] = [
+                [t.get_attribute("datetime") for t in row.find_elements(By.TAG_NAME, "time")]
+                for row in driver.find_elements(By.CSS_SELECTOR, "#keys tbody tr")
+            ]
+            budgets = []
+            for item in driver.find_elements(By.CSS_SELECTOR, "#budgets li.budget"):
+                figures = {
+                    dd.get_attribute("data-field"): dd.text
+                    for dd in item.find_elements(By.CSS_SELECTOR, "dd")
+                }
+                times = {
+                    dd.get_attribute("data-field"): [
+                        t.get_attribute("datetime") for t in dd.find_elements(By.TAG_NAME, "time")
+                    ]
+                    for dd in item.find_elements(By.CSS_SELECTOR, "dd")
+                }
+                bar = item.find_element(By.CSS_SELECTOR, "svg.bar")
+                rects = {
+                    rect.get_attribute("class"): float(rect.get_attribute("width") or 0)
+                    for rect in bar.find_elements(By.TAG_NAME, "rect")
+                }
+                budgets.append(
+                    {
+                        "budget_id": item.get_attribute("data-budget"),
+                        "head": item.find_element(By.CSS_SELECTOR, ".budget-head").text,
+                        "figures": figures,
+                        "times": times,
+                        "bar": rects,
+                        "over": "over" in (bar.get_attribute("class") or ""),
+                        "limit_marks": len(bar.find_elements(By.CSS_SELECTOR, "line.limit")),
+                    }
+                )
+            seen["budgets"] = budgets
+            seen["concurrency"] = driver.find_element(By.ID, "concurrency").text
+            seen["limit_changes"] = [
+                [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+                for row in driver.find_elements(By.CSS_SELECTOR, "#limit-changes tbody tr")
+            ]
+            seen["injected"] = driver.find_elements(By.CSS_SELECTOR, "#injected-b, #injected-img")
+            seen["source"] = driver.page_source
+            seen["console"] = [
+                entry
+                for entry in cast(Any, driver).get_log("browser")
+                if entry.get("level") == "SEVERE"
+            ]
+            driver.save_screenshot(str(SCREENSHOT.with_name("ui-limits.png")))
+        finally:
+            driver.quit()
+    return seen
+
+
+async def test_page_shows_keys_and_budgets_never_a_secret(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    account = "acct_ui_limits"
+    events = _limits_history(account, datetime.now(UTC))
+    app = ledger_with_ui(settings)
+    with served(app) as url:
+        await _ready(url)
+        await produce(settings.kafka_bootstrap, settings.topic, events)
+        await wait_for_position(pool, len(events))
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
+            keys = (await client.get(f"/accounts/{account}/keys")).json()["items"]
+            budgets = (await client.get(f"/accounts/{account}/budgets")).json()
+        seen = await asyncio.to_thread(_browse_limits, url, account)
+
+    # Keys: every token, by token_id, with what an operator may see, and never a secret.
+    assert [k["token_id"] for k in keys] == sorted(["tok_ui_1", MARKUP_TOKEN])
+    by_token = {row[0]: row for row in seen["keys"]}
+    assert set(by_token) == {"tok_ui_1", MARKUP_TOKEN}
+    expires = next(k["expires_at"] for k in keys if k["token_id"] == "tok_ui_1")
+    assert by_token["tok_ui_1"][1:] == [
+        "…a1b2c3", expires, "active", "gpt-4o, o3", "10.0.0.0/8", "2", "–"
+    ]  # fmt: skip
+    assert by_token[MARKUP_TOKEN][1:] == ["…d4e5f6", "never", "revoked", "any", "any", "–", "–"]
+    for secret in (KEY_1, KEY_2, *(hashlib.sha256(k.encode()).hexdigest() for k in (KEY_1, KEY_2))):
+        assert secret not in seen["source"]
+        assert secret[:-6] not in seen["source"]
+    # Budgets: one bar per budget's current period, the figures of GET /accounts/{id}/budgets.
+    assert [b["budget_id"] for b in seen["budgets"]] == [b["budget_id"] for b in budgets["items"]]
+    assert [b["budget_id"] for b in seen["budgets"]] == ["b_day", "b_total", MARKUP_BUDGET]
+    for shown, item in zip(seen["budgets"], budgets["items"], strict=True):
+        figures = shown["figures"]
+        for field in ("spent", "held", "amount", "remaining"):
+            assert figures[field] == f"{item[field]:,}", (item["budget_id"], field)
+        for field in ("period_start", "resets_at"):
+            assert shown["times"][field] == ([item[field]] if item[field] else []), field
+        scale = max(item["amount"], item["spent"] + item["held"])
+        assert shown["bar"]["spent"] == pytest.approx(1000 * item["spent"] / scale)
+        assert shown["bar"]["held"] == pytest.approx(1000 * item["held"] / scale)
+        assert shown["bar"]["amount"] == pytest.approx(1000 * item["amount"] / scale)
+        over = item["spent"] + item["held"] > item["amount"]
+        assert (shown["over"], shown["limit_marks"]) == (over, int(over))
+    day, total, token = seen["budgets"]
+    assert (day["figures"]["spent"], day["figures"]["held"]) == ("250", "100")
+    assert "per day, Asia/Kolkata" in day["head"]
+    assert day["times"]["resets_at"][0].endswith("T18:30:00Z")
+    assert total["over"] and total["figures"]["remaining"] == "0"
+    assert (total["figures"]["period_start"], total["figures"]["resets_at"]) == (
+        "all time",
+        "never",
+    )
+    assert token["head"].startswith(MARKUP_BUDGET)
+    assert "key tok_ui_1 · model gpt-4o · per week, Europe/Berlin" in token["head"]
+    assert seen["concurrency"] == "Active holds: 1 (at most 4 at once)."
+    # The statement's budget and limit changes, in order.
+    assert [row[2] for row in seen["limit_changes"]] == [
+        "account.limits_set", "budget.set", "budget.set", "budget.set", "budget.removed",
+        "budget.set",
+    ]  # fmt: skip
+    # Nothing was rendered as markup, and the page broke no rule of its CSP.
+    assert seen["injected"] == []
+    assert seen["console"] == []

@@ -397,6 +397,7 @@ def test_allowed_body_is_exact() -> None:
         "available": 1300,
         "channels": [1, 2],
         "reservation": None,
+        "budgets": [],
         "position": POSITION,
     }
 

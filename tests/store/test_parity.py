@@ -22,12 +22,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from services.contract.cloudevent import decode_http_object
+from services.contract.cloudevent import canonical_json, decode_http_object, event_content
 from services.ledger.audit import verify
 from services.policy.reservations import SWEEP_LIMIT, HoldOutcome, Reservations, _HoldRequest
 from services.store import db, event_store, projections
-from services.store.append import append_local
+from services.store.append import Unique, append_local, fold_and_append
 from services.store.chain import GENESIS_HASH, chain_hash, payload_hash
+from services.store.fold import apply_event, hold_refusal
 from services.store.model import HELD, RELEASED, Changes, Reservation, State
 from services.store.notify import (
     ACCOUNT_ROW_FIELDS,
@@ -36,7 +37,15 @@ from services.store.notify import (
     Notification,
     notify_payload,
 )
-from tests.builders import assert_history_clean, recharge
+from tests.builders import (
+    assert_history_clean,
+    budget_set,
+    cloud_event,
+    limits_set,
+    recharge,
+    token_issued,
+    usage,
+)
 
 ACCOUNTS = ("acct_h1", "acct_h2", "acct_h3")
 UNKNOWN = "acct_never_funded"
@@ -180,12 +189,9 @@ async def test_a_commit_notifies_the_rows_it_wrote(pool: asyncpg.Pool, database_
     assert heard == [
         {
             "position": head.position,
-            "accounts": [],
             "account_rows": [["acct_n", 100, 80, row["status"], row["role"], row["group_name"],
-                              head.position]],
-            "tokens": [],
-            "rate_limits": [],
-            "catalog": False,
+                              head.position, None, 2]],
+            "budgets": [],
         }
     ]  # fmt: skip
     # The same payload the Python append path would send for that change.
@@ -292,3 +298,82 @@ async def test_two_sweepers_expire_a_backlog_in_batches_each_hold_once(pool: asy
         report = await verify(conn)
     assert states == {"expired": total} and ended == total and early == 0 and held == 0
     assert report.ok, report.differences[:5]
+
+
+@pytest.mark.timeout(120)
+async def test_random_holds_under_budgets_and_caps_decide_as_the_fold(pool: asyncpg.Pool) -> None:
+    """Holds by several tokens on several models against account, model and token budgets and
+    account and token caps: each outcome of the hold function is the Python rule's
+    (`hold_refusal`, run on the projections as they were before the batch, in batch order),
+    and verify re-folds the stored history clean."""
+    rng = random.Random(11)
+    now_text = datetime.now(UTC).isoformat()
+    setup = [recharge(ACCOUNTS[0], 2_000), recharge(ACCOUNTS[1], 350)]
+    setup += [
+        token_issued(ACCOUNTS[0], "tok_a", "sk-parity-a-0000000000000000000000"),
+        token_issued(ACCOUNTS[0], "tok_b", "sk-parity-b-0000000000000000000000",
+                     max_concurrent=3),
+        token_issued(ACCOUNTS[1], "tok_c", "sk-parity-c-0000000000000000000000"),
+        limits_set(ACCOUNTS[1], 4),
+        budget_set(ACCOUNTS[0], "p_day", 600, "day", time=now_text),
+        budget_set(ACCOUNTS[0], "p_model", 250, "week", model="m1", timezone="Asia/Kolkata",
+                   time=now_text),
+        budget_set(ACCOUNTS[0], "p_tok", 300, "month", scope="token", token_id="tok_a",
+                   time=now_text),
+        budget_set(ACCOUNTS[1], "p_total", 700, "total", time=now_text),
+        usage(ACCOUNTS[0], 120, {"model": "m1", "token_id": "tok_a"}, time=now_text),
+        usage(ACCOUNTS[1], 90, {"model": "m2"}, time=now_text),
+    ]  # fmt: skip
+    unique = []
+    for raw in setup:
+        event = decode_http_object(raw)
+        payload = canonical_json(event_content(event))
+        unique.append(Unique(event, payload, payload_hash(payload)))
+    async with pool.acquire() as conn, conn.transaction():  # as a ledger batch appends
+        head = await event_store.lock_head(conn)
+        appended = await fold_and_append(conn, head, unique, datetime.now(UTC), derive=True)
+        await event_store.write_head(conn, event_store.Head(appended.position, appended.hash, 0))
+    assert not appended.rejected, appended.rejected
+    tokens = {ACCOUNTS[0]: ("tok_a", "tok_b", None), ACCOUNTS[1]: ("tok_c", None)}
+    reservations = Reservations(pool, ttl_seconds=3_600)
+    loop = asyncio.get_running_loop()
+    seen: dict[str, int] = {}
+    held_ids: list[str] = []
+    for round_ in range(40):
+        async with pool.acquire() as conn:
+            state = await projections.load_all(conn)
+        batch = []
+        for _ in range(rng.randrange(1, 10)):
+            account = rng.choice(ACCOUNTS[:2])
+            token = rng.choice(tokens[account])
+            model = rng.choice(("m1", "m2", None))
+            batch.append(_HoldRequest(account, rng.randrange(5, 90), None, "test",
+                                      loop.create_future(), token, model))  # fmt: skip
+        await reservations._commit_holds(batch)
+        for number, request in enumerate(batch):
+            outcome = request.future.result()
+            row = state.accounts[request.account_id]
+            refusal = hold_refusal(state, row, request.amount, request.token_id,
+                                   request.model, datetime.now(UTC))  # fmt: skip
+            expected = "held" if refusal is None else refusal[0]
+            found = "held" if outcome.reservation is not None else outcome.refusal
+            assert found == expected, (round_, number, request, refusal, outcome)
+            seen[expected] = seen.get(expected, 0) + 1
+            if outcome.reservation is None:
+                continue
+            held_ids.append(outcome.reservation.reservation_id)
+            event = decode_http_object(cloud_event(
+                "quota.reservation.held", request.account_id,
+                {"reservation_id": outcome.reservation.reservation_id, "amount": request.amount,
+                 "expires_at": outcome.reservation.expires_at.isoformat(), "actor": "test",
+                 **({"token_id": request.token_id} if request.token_id else {}),
+                 **({"model": request.model} if request.model else {})},
+                time=datetime.now(UTC).isoformat()))  # fmt: skip
+            apply_event(state, Changes(), event, outcome.reservation.held_position)
+        for reservation_id in rng.sample(held_ids, min(len(held_ids), rng.randrange(6))):
+            held_ids.remove(reservation_id)
+            await reservations.release(reservation_id, "test")
+    await reservations.close()
+    assert set(seen) == {"held", "insufficient", "budget_exceeded", "token_budget_exceeded",
+                         "concurrency_limited"}, seen  # fmt: skip
+    await assert_history_clean(pool)

@@ -10,6 +10,13 @@ const RESERVATION_PREFIX = "quota.reservation.";
 const STATUS_TYPES = new Set([
   "quota.account.suspended", "quota.account.blacklisted", "quota.account.reinstated",
 ]);
+const LIMIT_TYPES = new Set([
+  "quota.budget.set", "quota.budget.removed", "quota.account.limits_set",
+  "quota.account.rate_limit_set",
+]);
+const SVG_NS = "http://www.w3.org/2000/svg";
+const BAR_WIDTH = 1000;
+const BAR_HEIGHT = 16;
 
 const $ = (id) => document.getElementById(id);
 const number = new Intl.NumberFormat("en-US");
@@ -73,6 +80,25 @@ function timeCell(iso) {
   time.setAttribute("datetime", iso);
   cell.appendChild(time);
   return cell;
+}
+
+function optionalTime(iso, none) {
+  if (iso === null || iso === undefined) return node("span", none, "muted");
+  const time = node("time", iso);
+  time.setAttribute("datetime", iso);
+  return time;
+}
+
+function cell(child, className) {
+  const td = node("td", undefined, className);
+  td.appendChild(child);
+  return td;
+}
+
+function svgNode(name, attrs) {
+  const element = document.createElementNS(SVG_NS, name);
+  for (const [key, value] of Object.entries(attrs)) element.setAttribute(key, String(value));
+  return element;
 }
 
 function emptyRow(tbody, columns, text) {
@@ -165,6 +191,8 @@ async function selectAccount(accountId) {
       api(`/accounts/${encodeURIComponent(accountId)}`),
       loadStatementPage(seq),
       loadHistory(seq),
+      loadBudgets(seq),
+      loadKeys(seq),
     ]);
     if (seq !== state.accountSeq) return;
     renderAccount(account);
@@ -263,6 +291,7 @@ async function loadHistory(seq) {
     : `Balance after each of the ${entries.length} statement entries`;
   renderReservations(entries.filter((e) => e.type.startsWith(RESERVATION_PREFIX)));
   renderStatusChanges(entries.filter((e) => STATUS_TYPES.has(e.type)));
+  renderLimitChanges(entries.filter((e) => LIMIT_TYPES.has(e.type)));
 }
 
 function renderReservations(entries) {
@@ -289,6 +318,136 @@ function renderStatusChanges(entries) {
     row.appendChild(timeCell(entry.time));
     row.appendChild(node("td", entry.type.slice("quota.account.".length)));
     row.appendChild(node("td", entry.source, "wrap"));
+    tbody.appendChild(row);
+  }
+}
+
+function renderLimitChanges(entries) {
+  const tbody = $("limit-changes").tBodies[0];
+  tbody.replaceChildren();
+  if (entries.length === 0) emptyRow(tbody, 4, "No budget or limit changes.");
+  for (const entry of entries) {
+    const row = node("tr");
+    row.appendChild(node("td", entry.position, "num"));
+    row.appendChild(timeCell(entry.time));
+    row.appendChild(node("td", entry.type.slice("quota.".length), "mono"));
+    row.appendChild(node("td", entry.source, "wrap"));
+    tbody.appendChild(row);
+  }
+}
+
+// ---- budgets and keys -------------------------------------------------------------------
+
+async function loadBudgets(seq) {
+  const body = await api(`/accounts/${encodeURIComponent(state.account)}/budgets`);
+  if (seq !== state.accountSeq) return;
+  renderBudgets(body);
+}
+
+// One bar per budget's current period: spent, then held, on the budget's amount; past the
+// amount (usage is never refused) the bar is scaled to spent + held and the amount is marked.
+function budgetBar(budget) {
+  const amount = Number(budget.amount);
+  const spent = Number(budget.spent);
+  const held = Number(budget.held);
+  const scale = Math.max(amount, spent + held, 1);
+  const width = (value) => (Math.max(value, 0) / scale) * BAR_WIDTH;
+  const svg = svgNode("svg", {
+    class: spent + held > amount ? "bar over" : "bar",
+    viewBox: `0 0 ${BAR_WIDTH} ${BAR_HEIGHT}`,
+    preserveAspectRatio: "none",
+    role: "img",
+    "aria-label": `${number.format(spent)} spent and ${number.format(held)} held `
+      + `of ${number.format(amount)}`,
+  });
+  const spentWidth = Math.min(width(spent), BAR_WIDTH);
+  const heldWidth = Math.min(width(held), BAR_WIDTH - spentWidth);
+  svg.appendChild(svgNode("rect", { class: "amount", x: 0, y: 0, width: width(amount), height: BAR_HEIGHT }));
+  svg.appendChild(svgNode("rect", { class: "spent", x: 0, y: 0, width: spentWidth, height: BAR_HEIGHT }));
+  svg.appendChild(svgNode("rect", { class: "held", x: spentWidth, y: 0, width: heldWidth, height: BAR_HEIGHT }));
+  if (spent + held > amount) {
+    const x = width(amount);
+    svg.appendChild(svgNode("line", { class: "limit", x1: x, x2: x, y1: 0, y2: BAR_HEIGHT }));
+  }
+  return svg;
+}
+
+function renderBudgets(body) {
+  const cap = body.max_concurrent === null || body.max_concurrent === undefined
+    ? "no cap on concurrent holds"
+    : `at most ${number.format(body.max_concurrent)} at once`;
+  $("concurrency").textContent = `Active holds: ${number.format(body.holds)} (${cap}).`;
+  const list = $("budgets");
+  list.replaceChildren();
+  list.dataset.asOf = body.as_of;
+  if (body.items.length === 0) list.appendChild(node("li", "No budgets.", "none"));
+  for (const budget of body.items) {
+    const item = node("li", undefined, "budget");
+    item.dataset.budget = budget.budget_id;
+    const head = node("div", undefined, "budget-head");
+    head.appendChild(node("span", budget.budget_id, "mono wrap"));
+    const what = [
+      budget.scope === "token" ? `key ${budget.token_id}` : "account",
+      budget.model === null || budget.model === undefined ? "every model" : `model ${budget.model}`,
+      budget.period === "total" ? "total, never resets" : `per ${budget.period}, ${budget.timezone}`,
+    ];
+    head.appendChild(node("span", what.join(" · "), "meta wrap"));
+    item.appendChild(head);
+    item.appendChild(budgetBar(budget));
+    const facts = node("dl", undefined, "facts figures");
+    const rows = [
+      ["spent", "Spent", node("span", number.format(budget.spent))],
+      ["held", "Held", node("span", number.format(budget.held))],
+      ["amount", "Amount", node("span", number.format(budget.amount))],
+      ["remaining", "Remaining", node("span", number.format(budget.remaining))],
+      ["period_start", "Period since", optionalTime(budget.period_start, "all time")],
+      ["resets_at", "Resets at", optionalTime(budget.resets_at, "never")],
+    ];
+    for (const [field, label, value] of rows) {
+      facts.appendChild(node("dt", label));
+      const dd = node("dd");
+      dd.dataset.field = field;
+      dd.appendChild(value);
+      facts.appendChild(dd);
+    }
+    item.appendChild(facts);
+    list.appendChild(item);
+  }
+}
+
+async function loadKeys(seq) {
+  const body = await api(`/accounts/${encodeURIComponent(state.account)}/keys`);
+  if (seq !== state.accountSeq) return;
+  renderKeys(body.items);
+}
+
+function keyState(key, now) {
+  if (key.revoked) return "revoked";
+  if (key.expires_at && Date.parse(key.expires_at) <= now) return "expired";
+  return "active";
+}
+
+// Only the fields named here are shown: the route gives no key and no hash, and a field it
+// might grow would not be rendered either.
+function renderKeys(keys) {
+  const tbody = $("keys").tBodies[0];
+  tbody.replaceChildren();
+  if (keys.length === 0) emptyRow(tbody, 8, "No keys.");
+  const now = Date.now();
+  for (const key of keys) {
+    const row = node("tr");
+    row.dataset.token = key.token_id;
+    row.appendChild(node("td", key.token_id, "mono wrap"));
+    row.appendChild(node("td", `…${key.key_last6}`, "mono"));
+    row.appendChild(cell(optionalTime(key.expires_at, "never")));
+    const status = keyState(key, now);
+    row.appendChild(node("td", status, `key-${status}`));
+    const models = key.allowed_models.length ? key.allowed_models.join(", ") : "any";
+    row.appendChild(node("td", models, "wrap"));
+    const cidrs = key.allowed_cidrs.length ? key.allowed_cidrs.join(", ") : "any";
+    row.appendChild(node("td", cidrs, "mono wrap"));
+    row.appendChild(node("td", key.max_concurrent ?? "–", "num"));
+    row.appendChild(cell(optionalTime(key.previous_valid_until, "–")));
     tbody.appendChild(row);
   }
 }
