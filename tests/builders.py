@@ -31,6 +31,7 @@ __all__ = [
     "binary",
     "budget_set",
     "cloud_event",
+    "head_position",
     "limits_set",
     "produce",
     "produce_raw",
@@ -89,6 +90,13 @@ async def wait_for(
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+async def head_position(pool: asyncpg.Pool) -> int:
+    """The ledger head's position: the last event stored."""
+    async with pool.acquire() as conn:
+        position: int = await conn.fetchval("SELECT position FROM ledger_head")
+        return position
 
 
 async def wait_for_position(pool: asyncpg.Pool, position: int, timeout: float = 60.0) -> None:

@@ -82,7 +82,7 @@ def db_settings(database_url: str) -> Settings:
         allow_anonymous_gateways=True,
         batch_timeout_ms=50,
         # Tansu holds a group join for half the session timeout; keep tests quick.
-        kafka_session_timeout_ms=3_000,
+        kafka_session_timeout_ms=1_500,
         log_json=True,
     )
 

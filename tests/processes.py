@@ -8,13 +8,34 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from services.infra.processes import QUOTA, QuotaProcess, QuotaProcesses, quota_env
 from services.settings import Settings
+from tests.builders import head_position
 
-__all__ = ["QUOTA", "QuotaProcess", "QuotaProcesses", "quota_env", "quota_processes"]
+__all__ = [
+    "QUOTA",
+    "QuotaProcess",
+    "QuotaProcesses",
+    "quota_env",
+    "quota_processes",
+    "start_policies",
+]
+
+
+async def start_policies(
+    quota_processes: QuotaProcesses, pool: asyncpg.Pool, count: int, **overrides: Any
+) -> list[QuotaProcess]:
+    """`count` policy processes (`overrides`: their settings), ready at the current head."""
+    policies = [quota_processes.start("policy", f"policy-{i}", **overrides) for i in range(count)]
+    position = await head_position(pool)
+    for policy in policies:
+        await quota_processes.wait_ready(policy, position)
+    return policies
 
 
 @pytest.fixture

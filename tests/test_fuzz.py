@@ -278,7 +278,7 @@ async def world(
         consumer_group=f"ledger-{suffix}",
         admin_token=ADMIN_TOKEN,
         batch_timeout_ms=50,
-        kafka_session_timeout_ms=3_000,
+        kafka_session_timeout_ms=1_500,
         # A busy 2-core machine must not turn a quiet ledger into 503 snapshot_stale.
         max_staleness_seconds=300.0,
     )

@@ -34,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from services.logs import configure_logging
 from services.policy.app import create_app
-from services.policy.decision import extract_key
+from services.policy.inputs import extract_key
 from services.policy.snapshot_store import SnapshotStore
 from services.settings import Settings, asyncpg_dsn
 

@@ -6,7 +6,7 @@ Create Date: 2026-12-01
 
 New projections: `budgets` (with `held`, the active holds each covers) and `budget_spend` (the
 usage counted toward a budget per period). Accounts get `max_concurrent` and `holds` (active
-holds); tokens `max_concurrent` and the previous key of a rotation; rate limits `units`;
+holds); tokens `max_concurrent`, `holds` and the previous key of a rotation; rate limits `units`;
 reservations the `token_id` and `model` they hold for.
 
 `quota_period_start(period, zone, at)` is `services.store.periods.period_start` in SQL.
@@ -22,13 +22,17 @@ under the head lock and the accounts' row locks:
   `token_budget_exceeded`;
 * check 13c: `concurrency_limited` when the account's or the token's `max_concurrent` active
   holds are reached;
-* otherwise the hold is chained and stored (`held`), and the account's `held` and `holds` and
-  every covering budget's `held` grow by it.
+* otherwise the hold is chained and stored (`held`), and the account's `held` and `holds`, its
+  token's `holds` and every covering budget's `held` grow by it.
 
-This is the rule of `services.store.fold.hold_refusal`, which verify and replay run over the
+Its notification carries the changed accounts' rows and the covering budgets' new `held`
+(`budget_held`: [account_id, budget_id, held]), so policy replicas read nothing back.
+
+This is the rule of `services.store.budget_rules.hold_refusal`, which verify and replay run over the
 stored history; tests/store/test_parity.py holds the two together. Each row returned carries
 `budget_id` (the budget that refused) and `budgets`, the figures of the budgets that covered a
-held hold (or of the one that refused), as JSON.
+held hold (or of the one that refused), as JSON text: [[budget_id, scope, period, timezone,
+amount, spent, held], ...].
 """
 
 from collections.abc import Sequence
@@ -80,7 +84,7 @@ CREATE FUNCTION quota_hold(
 ) RETURNS TABLE (
     idx integer, outcome text, reservation_id text, amount bigint, request_id text,
     expires_at timestamptz, held_position bigint, balance bigint, held bigint,
-    state text, budget_id text, budgets json
+    state text, budget_id text, budgets text
 ) LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -95,6 +99,9 @@ DECLARE
     a_position bigint[];
     a_max integer[];
     a_holds integer[];
+    -- each account's budgets are b_*[a_first[k] .. a_last[k]]
+    a_first integer[];
+    a_last integer[];
     -- the batch's accounts' budgets: account budgets before token budgets, by id
     b_ids text[] := '{}';
     b_account text[];
@@ -107,10 +114,11 @@ DECLARE
     b_held bigint[];
     b_spent bigint[];
     b_changed boolean[];
-    -- the batch's capped tokens, with their active holds
+    -- the batch's tokens: their caps and active holds
     t_ids text[] := '{}';
     t_max integer[];
     t_active integer[];
+    t_changed boolean[];
     -- request ids' reservations within their TTL: stored ones, then this batch's
     f_accounts text[];
     f_requests text[];
@@ -129,7 +137,7 @@ DECLARE
     o_held bigint[] := '{}';
     o_state text[] := '{}';
     o_budget text[] := '{}';
-    o_budgets json[] := '{}';
+    o_budgets text[] := '{}';
     -- the holds that are stored
     s_index integer[] := '{}';
     s_position bigint[] := '{}';
@@ -143,9 +151,10 @@ DECLARE
     v_refusal text;
     v_refused text;
     v_covering integer[];
-    v_figures json;
+    v_figures text;
     v_changed text[];
-    v_budget_accounts text[];
+    v_budget_held json;
+    v_budget_count integer;
     v_rows json;
     v_payload text;
 BEGIN
@@ -161,6 +170,15 @@ BEGIN
     INTO a_ids, a_balance, a_held, a_position, a_max, a_holds
     FROM (SELECT * FROM accounts WHERE account_id = ANY(p_accounts)
           ORDER BY account_id FOR UPDATE) a;
+    -- the batch's accounts' budgets, with the spend of their current period (its start
+    -- computed once per period and zone, not once per budget)
+    WITH b AS MATERIALIZED (
+        SELECT bb.*, row_number() OVER (ORDER BY bb.account_id, bb.scope, bb.budget_id) o
+        FROM budgets bb WHERE bb.account_id = ANY(p_accounts)
+    ), ps AS MATERIALIZED (
+        SELECT z.period, z.timezone, quota_period_start(z.period, z.timezone, p_now) AS start
+        FROM (SELECT DISTINCT period, timezone FROM b) z
+    )
     SELECT coalesce(array_agg(b.budget_id ORDER BY b.o), '{}'),
            array_agg(b.account_id ORDER BY b.o), array_agg(b.scope ORDER BY b.o),
            array_agg(b.token_id ORDER BY b.o), array_agg(b.model ORDER BY b.o),
@@ -169,18 +187,21 @@ BEGIN
            array_agg(coalesce(s.spent, 0) ORDER BY b.o), array_agg(false ORDER BY b.o)
     INTO b_ids, b_account, b_scope, b_token, b_model, b_amount, b_period, b_zone, b_held,
          b_spent, b_changed
-    FROM (SELECT bb.*, row_number() OVER (ORDER BY bb.account_id, bb.scope, bb.budget_id) o
-          FROM budgets bb WHERE bb.account_id = ANY(p_accounts)) b
-    LEFT JOIN budget_spend s
-           ON s.budget_id = b.budget_id
-          AND s.period_start = quota_period_start(b.period, b.timezone, p_now);
+    FROM b JOIN ps ON ps.period = b.period AND ps.timezone = b.timezone
+    LEFT JOIN budget_spend s ON s.budget_id = b.budget_id AND s.period_start = ps.start;
+    a_first := array_fill(NULL::integer, ARRAY[coalesce(cardinality(a_ids), 0)]);
+    a_last := a_first;
+    FOR e IN 1 .. cardinality(b_ids) LOOP
+        k := array_position(a_ids, b_account[e]);
+        IF k IS NOT NULL THEN
+            a_first[k] := coalesce(a_first[k], e);
+            a_last[k] := e;
+        END IF;
+    END LOOP;
     SELECT coalesce(array_agg(tk.token_id), '{}'), array_agg(tk.max_concurrent),
-           array_agg((SELECT count(*) FROM reservations r
-                      WHERE r.account_id = tk.account_id AND r.state = 'held'
-                        AND r.token_id = tk.token_id)::integer)
-    INTO t_ids, t_max, t_active
-    FROM tokens tk
-    WHERE tk.token_id = ANY(p_tokens) AND tk.max_concurrent IS NOT NULL;
+           array_agg(tk.holds), array_agg(false)
+    INTO t_ids, t_max, t_active, t_changed
+    FROM tokens tk WHERE tk.token_id = ANY(p_tokens);
     IF EXISTS (SELECT 1 FROM unnest(p_requests) r WHERE r IS NOT NULL) THEN
         SELECT array_agg(r.account_id), array_agg(r.request_id), array_agg(r.reservation_id),
                array_agg(r.amount), array_agg(r.expires_at), array_agg(r.held_position),
@@ -213,7 +234,7 @@ BEGIN
                 o_held := o_held || a_held[k];
                 o_state := o_state || f_states[j];
                 o_budget := o_budget || NULL::text;
-                o_budgets := o_budgets || NULL::json;
+                o_budgets := o_budgets || NULL::text;
                 CONTINUE;
             END IF;
         END IF;
@@ -225,9 +246,8 @@ BEGIN
             v_refusal := 'insufficient';
         END IF;
         -- the budgets that cover this hold (account budgets come first in b_*)
-        FOR e IN 1 .. cardinality(b_ids) LOOP
-            IF b_account[e] = p_accounts[i]
-               AND (b_token[e] IS NULL OR b_token[e] = p_tokens[i])
+        FOR e IN coalesce(a_first[k], 1) .. coalesce(a_last[k], 0) LOOP
+            IF (b_token[e] IS NULL OR b_token[e] = p_tokens[i])
                AND (b_model[e] IS NULL OR b_model[e] = p_models[i]) THEN
                 IF v_refused IS NULL THEN
                     v_covering := v_covering || e;
@@ -244,7 +264,7 @@ BEGIN
         t := array_position(t_ids, p_tokens[i]);
         IF v_refusal IS NULL AND (
                (a_max[k] IS NOT NULL AND a_holds[k] >= a_max[k])
-               OR (t IS NOT NULL AND t_active[t] >= t_max[t])) THEN
+               OR (t IS NOT NULL AND t_max[t] IS NOT NULL AND t_active[t] >= t_max[t])) THEN
             v_refusal := 'concurrency_limited';
         END IF;
         IF v_refusal IS NULL THEN
@@ -260,6 +280,7 @@ BEGIN
             a_position[k] := v_position;
             IF t IS NOT NULL THEN
                 t_active[t] := t_active[t] + 1;
+                t_changed[t] := true;
             END IF;
             FOREACH e IN ARRAY v_covering LOOP
                 b_held[e] := b_held[e] + p_amounts[i];
@@ -277,11 +298,13 @@ BEGIN
         END IF;
         v_figures := NULL;
         IF cardinality(v_covering) > 0 AND v_refusal IS DISTINCT FROM 'insufficient' THEN
-            SELECT json_agg(json_build_object(
-                       'budget_id', b_ids[e], 'scope', b_scope[e], 'period', b_period[e],
-                       'timezone', b_zone[e], 'amount', b_amount[e], 'spent', b_spent[e],
-                       'held', b_held[e]) ORDER BY ord)
-            INTO v_figures FROM unnest(v_covering) WITH ORDINALITY c(e, ord);
+            -- [[budget_id, scope, period, timezone, amount, spent, held], ...] as JSON text
+            FOREACH e IN ARRAY v_covering LOOP
+                v_figures := coalesce(v_figures || ',', '[') || json_build_array(
+                    b_ids[e], b_scope[e], b_period[e], b_zone[e], b_amount[e], b_spent[e],
+                    b_held[e])::text;
+            END LOOP;
+            v_figures := v_figures || ']';
         END IF;
         o_outcome := o_outcome || coalesce(v_refusal, 'held');
         o_id := o_id || CASE WHEN v_refusal IS NULL THEN p_reservations[i] END;
@@ -314,8 +337,15 @@ BEGIN
         UPDATE budgets b SET held = u.held
         FROM unnest(b_ids, b_held, b_changed) u(budget_id, held, changed)
         WHERE b.budget_id = u.budget_id AND u.changed;
-        SELECT coalesce(array_agg(DISTINCT u.account_id), '{}') INTO v_budget_accounts
-        FROM unnest(b_account, b_changed) u(account_id, changed) WHERE u.changed;
+        UPDATE tokens tk SET holds = u.holds
+        FROM unnest(t_ids, t_active, t_changed) u(token_id, holds, changed)
+        WHERE tk.token_id = u.token_id AND u.changed;
+        -- the budgets' new `held`, as [account_id, budget_id, held]: policies need no read
+        SELECT json_agg(json_build_array(u.account_id, u.budget_id, u.held))
+        INTO v_budget_held
+        FROM unnest(b_account, b_ids, b_held, b_changed) u(account_id, budget_id, held, changed)
+        WHERE u.changed;
+        v_budget_count := coalesce(json_array_length(v_budget_held), 0);
         UPDATE ledger_head SET position = v_position, hash = v_hash WHERE id = 1;
         IF cardinality(v_changed) <= p_max_rows THEN
             SELECT json_agg(json_build_array(a.account_id, a.balance, a.held, a.status, a.role,
@@ -324,14 +354,14 @@ BEGIN
             INTO v_rows FROM accounts a WHERE a.account_id = ANY(v_changed);
             v_payload := json_build_object(
                 'position', v_position, 'account_rows', v_rows,
-                'budgets', to_json(v_budget_accounts))::text;
+                'budget_held', coalesce(v_budget_held, '[]'::json))::text;
         END IF;
         IF v_payload IS NULL OR octet_length(v_payload) > p_max_bytes THEN
             v_payload := json_build_object(
                 'position', v_position, 'accounts', to_json(v_changed),
-                'budgets', to_json(v_budget_accounts))::text;
+                'budget_held', coalesce(v_budget_held, '[]'::json))::text;
         END IF;
-        IF cardinality(v_changed) + cardinality(v_budget_accounts) > p_max_keys
+        IF cardinality(v_changed) + v_budget_count > p_max_keys
            OR octet_length(v_payload) > p_max_bytes THEN
             v_payload := json_build_object('position', v_position, 'all', true)::text;
         END IF;
@@ -363,6 +393,9 @@ def upgrade() -> None:
         "accounts", sa.Column("holds", sa.Integer(), server_default=sa.text("0"), nullable=False)
     )
     op.add_column("tokens", sa.Column("max_concurrent", sa.Integer(), nullable=True))
+    op.add_column(
+        "tokens", sa.Column("holds", sa.Integer(), server_default=sa.text("0"), nullable=False)
+    )
     op.add_column("tokens", sa.Column("previous_key_sha256", sa.Text(), nullable=True))
     op.add_column(
         "tokens", sa.Column("previous_valid_until", sa.DateTime(timezone=True), nullable=True)
@@ -428,6 +461,7 @@ def downgrade() -> None:
     for table, column in (
         ("reservations", "model"), ("reservations", "token_id"), ("rate_limits", "units"),
         ("tokens", "previous_valid_until"), ("tokens", "previous_key_sha256"),
-        ("tokens", "max_concurrent"), ("accounts", "holds"), ("accounts", "max_concurrent"),
+        ("tokens", "holds"), ("tokens", "max_concurrent"), ("accounts", "holds"),
+        ("accounts", "max_concurrent"),
     ):  # fmt: skip
         op.drop_column(table, column)

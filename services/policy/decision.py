@@ -41,16 +41,12 @@ Choices where the contract is silent (documented here, tested in tests/policy):
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any
 
 from services.contract.cloudevent import format_time
-from services.contract.events import INT64_MAX
 from services.policy.errors import (
     ACCOUNT_SUSPENDED,
     BUDGET_EXCEEDED,
@@ -63,26 +59,25 @@ from services.policy.errors import (
     IP_NOT_ALLOWED,
     MODEL_NOT_ALLOWED,
     MODEL_UNAVAILABLE,
-    N_NOT_WITHIN_RANGE,
-    PROMPT_MISSING,
-    PROMPT_TOO_LONG,
     PROVIDER_RATE_LIMITED,
     RATE_LIMITED,
-    SIZE_NOT_SUPPORTED,
     SPECS,
-    TEXT_TOO_LONG,
     TOKEN_BUDGET_EXCEEDED,
     TOKEN_INVALID,
     TOKEN_MISSING,
 )
-from services.policy.request import (
-    AuthorizeRequest,
-    RequestFields,
+from services.policy.inputs import (
+    address_allowed,
+    check_limits,
+    extract_key,
+    key_sha256,
+    parse_address,
+    parse_pin,
+    seconds_until,
 )
+from services.policy.request import AuthorizeRequest
 from services.policy.snapshot import (
     ADMIN_RANK,
-    Address,
-    Network,
     Snapshot,
     parse_networks,
     required_rank,
@@ -94,7 +89,6 @@ from services.store.model import (
     Account,
     Budget,
     Channel,
-    ModelSpec,
     RateLimit,
     Token,
 )
@@ -140,11 +134,27 @@ class BudgetFigure:
         }
 
 
-def budget_figure(budget: Budget, spent: int, held: int, now: datetime) -> BudgetFigure:
+#: A period's end as RFC 3339 text, by the instant: every decision in a period shows it.
+_END_TEXT: dict[datetime, str] = {}
+
+
+def resets_at(budget: Budget, now: datetime) -> str | None:
+    """When the period of `budget` holding `now` ends, as text (None for `total`)."""
     ends = period_end(budget.period, budget.timezone, now)
+    if ends is None:
+        return None
+    text = _END_TEXT.get(ends)
+    if text is None:
+        if len(_END_TEXT) > 1024:
+            _END_TEXT.clear()
+        text = _END_TEXT[ends] = format_time(ends)
+    return text
+
+
+def budget_figure(budget: Budget, spent: int, held: int, now: datetime) -> BudgetFigure:
     return BudgetFigure(
         budget.budget_id, budget.scope, budget.period, budget.amount, spent, held,
-        format_time(ends) if ends is not None else None,
+        resets_at(budget, now),
     )  # fmt: skip
 
 
@@ -275,10 +285,9 @@ def budget_denied(budget: Budget, position: int, key_last6: str, now: datetime) 
     """Check 13a (an account budget) or 13b (a token budget): used up until `reset_at`."""
     reason = TOKEN_BUDGET_EXCEEDED if budget.scope == TOKEN_SCOPE else BUDGET_EXCEEDED
     spec = SPECS[reason]
-    ends = period_end(budget.period, budget.timezone, now)
     denial = Denial(
         reason, spec.render(key_last6, period=budget.period), spec.type, spec.code,
-        (("reset_at", format_time(ends) if ends is not None else None),),
+        (("reset_at", resets_at(budget, now)),),
     )  # fmt: skip
     return Decision(spec.status, position, None, denial)
 
@@ -301,103 +310,6 @@ def rate_limited(decision: Decision, retry_after: int) -> Decision:
         rate_limit_key=decision.rate_limit_key,
         rate_limit=decision.rate_limit,
     )
-
-
-_BEARER: Final = re.compile(r"bearer(?:\s+(.*))?", re.IGNORECASE | re.DOTALL)
-_PIN: Final = re.compile(r"[0-9]{1,19}")
-
-
-def extract_key(authorization: str | None) -> str:
-    """The key of an Authorization value: `Bearer <key>` or a bare key; "" when there is none."""
-    if authorization is None:
-        return ""
-    value = authorization.strip()
-    bearer = _BEARER.fullmatch(value)
-    if bearer is not None:
-        return (bearer.group(1) or "").strip()
-    return value
-
-
-def key_sha256(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def parse_pin(pin: str | int) -> int | None:
-    """A pinned channel id: a positive integer within int64, or None when it is not one."""
-    if isinstance(pin, int):
-        value = pin
-    elif _PIN.fullmatch(pin):
-        value = int(pin)
-    else:
-        return None
-    return value if 0 < value <= INT64_MAX else None
-
-
-def parse_address(client_ip: str | None) -> Address | None:
-    if client_ip is None:
-        return None
-    text = client_ip.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def address_allowed(address: Address | None, networks: Iterable[Network]) -> bool:
-    """Whether the address is in one of the networks; IPv4-mapped IPv6 matches IPv4 networks."""
-    if address is None:
-        return False
-    candidates: list[Address] = [address]
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            candidates.append(address.ipv4_mapped)
-    else:
-        candidates.append(ipaddress.IPv6Address(f"::ffff:{address}"))
-    for network in networks:
-        for candidate in candidates:
-            if candidate.version == network.version and candidate in network:
-                return True
-    return False
-
-
-def seconds_until(later: datetime, now: datetime) -> int:
-    """Whole seconds from `now` to `later`, rounded up, at least 1."""
-    delta = later - now
-    seconds = delta.days * 86400 + delta.seconds + (1 if delta.microseconds else 0)
-    return max(seconds, 1)
-
-
-def text_length(value: str | list[str] | None) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        return len(value)
-    return sum(len(item) for item in value)
-
-
-def check_limits(spec: ModelSpec, fields: RequestFields) -> str | None:
-    """Check 11: the first of the model's limits the request breaks, as a reason."""
-    limits = spec.limits
-    prompt = fields.prompt
-    if spec.kind == "image" and (prompt is None or not prompt.strip()):
-        return PROMPT_MISSING
-    max_prompt = limits.get("max_prompt_chars")
-    if max_prompt is not None and prompt is not None and len(prompt) > max_prompt:
-        return PROMPT_TOO_LONG
-    sizes = limits.get("sizes")
-    if sizes is not None and fields.size is not None and fields.size not in sizes:
-        return SIZE_NOT_SUPPORTED
-    n_min, n_max = limits.get("n_min"), limits.get("n_max")
-    if n_min is not None or n_max is not None:
-        n = 1 if fields.n is None else fields.n
-        if (n_min is not None and n < n_min) or (n_max is not None and n > n_max):
-            return N_NOT_WITHIN_RANGE
-    max_input = limits.get("max_input_chars")
-    if max_input is not None and text_length(fields.input) > max_input:
-        return TEXT_TOO_LONG
-    return None
 
 
 def _resolve_key(

@@ -57,6 +57,26 @@ PolicyDep = Annotated[Policy, Depends(_policy)]
 ServiceToken = Annotated[str | None, Header()]
 
 
+class ServiceRefused(Exception):
+    """The gateway's service token was missing or wrong: `decision` is the 401 to answer."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.reason)
+        self.decision = decision
+
+
+def _served_policy(policy: PolicyDep, x_quota_service_token: ServiceToken = None) -> Policy:
+    """The policy, for a caller whose service token it accepts (else `ServiceRefused`)."""
+    refused = policy.refuse_service(x_quota_service_token)
+    if refused is not None:
+        raise ServiceRefused(refused)
+    return policy
+
+
+#: The policy behind the service-token gate: the reservation routes take this.
+ServedPolicyDep = Annotated[Policy, Depends(_served_policy)]
+
+
 class FastJSONResponse(JSONResponse):
     """JSON rendered by orjson: the decision path is answered thousands of times a second."""
 
@@ -143,11 +163,17 @@ async def _reservation_unavailable(request: Request, exc: Exception) -> Response
     return decision_response(reservation_unavailable(_policy(request).store.position))
 
 
+async def _service_refused(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceRefused)
+    return decision_response(exc.decision)
+
+
 def register(app: FastAPI) -> None:
-    """The routes, the fast path in front of them, and the one domain-error handler."""
+    """The routes, the fast path in front of them, and the domain errors' handlers."""
     _routes(app)
     install(app)
     app.add_exception_handler(ReservationUnavailable, _reservation_unavailable)
+    app.add_exception_handler(ServiceRefused, _service_refused)
 
 
 async def _readiness(request: Request) -> Readiness:
@@ -187,12 +213,7 @@ def _routes(app: FastAPI) -> None:
         response_model=None,
         responses={200: {"model": ReservationState}, **RESERVATION_REFUSALS},
     )
-    async def get_reservation(
-        reservation_id: str, policy: PolicyDep, x_quota_service_token: ServiceToken = None
-    ) -> Response:
-        refused = policy.refuse_service(x_quota_service_token)
-        if refused is not None:
-            return decision_response(refused)
+    async def get_reservation(reservation_id: str, policy: ServedPolicyDep) -> Response:
         reservation = await policy.get_reservation(reservation_id)
         if reservation is None:
             return _unknown_reservation(reservation_id)
@@ -208,13 +229,8 @@ def _routes(app: FastAPI) -> None:
             409: {"model": ReservationState, "description": "Already settled or expired"},
         },
     )
-    async def release_reservation(
-        reservation_id: str, policy: PolicyDep, x_quota_service_token: ServiceToken = None
-    ) -> Response:
+    async def release_reservation(reservation_id: str, policy: ServedPolicyDep) -> Response:
         """Release a hold; releasing it again answers the same (idempotent)."""
-        refused = policy.refuse_service(x_quota_service_token)
-        if refused is not None:
-            return decision_response(refused)
         reservation = await policy.release(reservation_id)
         if reservation is None:
             return _unknown_reservation(reservation_id)

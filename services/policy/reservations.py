@@ -85,17 +85,17 @@ class HoldOutcome:
     budgets: tuple[BudgetState, ...] = ()
 
 
-def _budget_states(request: _HoldRequest, raw: str | list[Any] | None) -> tuple[BudgetState, ...]:
-    """The hold function's `budgets` JSON: the figures of the budgets it weighed."""
-    items = (orjson.loads(raw) if isinstance(raw, str) else raw) or []
+def _budget_states(request: _HoldRequest, raw: str | None) -> tuple[BudgetState, ...]:
+    """The hold function's `budgets`: the figures of the budgets it weighed, as JSON text of
+    [budget_id, scope, period, timezone, amount, spent, held] arrays."""
+    if not raw:
+        return ()
     states = []
-    for item in items:
-        token_id = request.token_id if item["scope"] == TOKEN_SCOPE else None
-        budget = Budget(
-            item["budget_id"], request.account_id, item["scope"], token_id, None,
-            item["amount"], item["period"], item["timezone"], item["held"], 0,
-        )  # fmt: skip
-        states.append(BudgetState(budget, item["spent"]))
+    for budget_id, scope, period, timezone, amount, spent, held in orjson.loads(raw):
+        token_id = request.token_id if scope == TOKEN_SCOPE else None
+        budget = Budget(budget_id, request.account_id, scope, token_id, None, amount, period,
+                        timezone, held, 0)  # fmt: skip
+        states.append(BudgetState(budget, spent))
     return tuple(states)
 
 

@@ -27,18 +27,18 @@ from services.policy.decision import (
     concurrency_limited,
     decide,
     deny,
-    extract_key,
     rate_limited,
 )
 from services.policy.decision import refusal as _refusal
 from services.policy.errors import INSUFFICIENT_USER_QUOTA
+from services.policy.inputs import extract_key
 from services.policy.ratelimit import RateLimiter
 from services.policy.request import AuthorizeRequest
 from services.policy.reservations import HoldOutcome, Reservations
 from services.policy.snapshot import Snapshot
 from services.policy.snapshot_store import SnapshotStore
 from services.settings import Settings
-from services.store.fold import BUDGET_EXCEEDED, CONCURRENCY_LIMITED, TOKEN_BUDGET_EXCEEDED
+from services.store.budget_rules import BUDGET_EXCEEDED, CONCURRENCY_LIMITED, TOKEN_BUDGET_EXCEEDED
 from services.store.model import Reservation
 from services.supervise import DATABASE_ERRORS, Readiness
 

@@ -12,7 +12,6 @@ from typing import Any, Final
 
 from services.contract.events import ROLE_RANK
 from services.store.model import (
-    ACCOUNT_SCOPE,
     Account,
     Budget,
     Channel,
@@ -116,7 +115,7 @@ def _token_indexes(state: State) -> dict[str, Any]:
 def _budget_views(state: State) -> dict[str, Any]:
     return {
         "budgets": _freeze(state.budgets),
-        "account_budget_ids": _freeze(state.account_budget_ids),
+        "budgets_by_account": _freeze(state.budgets_by_account),
         "budget_spend": _freeze(state.budget_spend),
     }
 
@@ -158,10 +157,12 @@ class Snapshot:
     serving: Mapping[tuple[str, str], tuple[int, ...]]
     #: token_id -> the parsed networks of its `allowed_cidrs`.
     networks: Mapping[str, tuple[Network, ...]] = field(default_factory=lambda: _freeze({}))
-    #: Live views, like `accounts`: budget_id -> budget, account_id -> its budgets' ids,
+    #: Live views, like `accounts`: budget_id -> budget, account_id -> its budgets in order,
     #: (budget_id, period start) -> spend (recent periods only).
     budgets: Mapping[str, Budget] = field(default_factory=lambda: _freeze({}))
-    account_budget_ids: Mapping[str, set[str]] = field(default_factory=lambda: _freeze({}))
+    budgets_by_account: Mapping[str, tuple[Budget, ...]] = field(
+        default_factory=lambda: _freeze({})
+    )
     budget_spend: Mapping[tuple[str, datetime], int] = field(default_factory=lambda: _freeze({}))
 
     @classmethod
@@ -205,13 +206,7 @@ class Snapshot:
     def budgets_covering(self, account_id: str, token_id: str, model: str | None) -> list[Budget]:
         """The account's budgets that cover a request by `token_id` for `model`: its account
         budgets first, then its token budgets, each by id (the hold's order)."""
-        ids = self.account_budget_ids.get(account_id)
-        if not ids:
-            return []
-        found = [b for i in ids if (b := self.budgets.get(i)) is not None]
-        found = [b for b in found if b.covers(token_id, model)]
-        found.sort(key=lambda b: (b.scope != ACCOUNT_SCOPE, b.budget_id))
-        return found
+        return [b for b in self.budgets_by_account.get(account_id, ()) if b.covers(token_id, model)]
 
     def spent(self, budget: Budget, now: datetime) -> int:
         """What `budget` has spent in its period holding `now`."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -50,6 +50,8 @@ class _Pending:
     tokens: set[str] = field(default_factory=set)
     rate_limit_accounts: set[str] = field(default_factory=set)
     budget_accounts: set[str] = field(default_factory=set)
+    #: budget_id -> (account_id, held): budgets whose `held` a hold changed.
+    budget_held: dict[str, tuple[str, int]] = field(default_factory=dict)
     catalog: bool = False
     position: int = 0
 
@@ -67,6 +69,8 @@ class _Pending:
             self.accounts.discard(account.account_id)
         self.tokens.update(message.tokens)
         self.rate_limit_accounts.update(key[0] for key in message.rate_limits)
+        for account_id, budget_id, held in message.budget_held:
+            self.budget_held[budget_id] = (account_id, held)
         self.budget_accounts.update(message.budgets)
         self.catalog = self.catalog or message.catalog
 
@@ -87,6 +91,7 @@ class _Pending:
             or self.tokens
             or self.rate_limit_accounts
             or self.budget_accounts
+            or self.budget_held
             or self.catalog
         )
 
@@ -209,9 +214,14 @@ class SnapshotStore:
             state.accounts[account.account_id] = account
         for token in loaded.tokens:
             state.put_token(token)
+        # A hold's new `held` first; budgets read back are newer still (read after it).
+        for budget_id, (_account_id, held) in pending.budget_held.items():
+            budget = state.budgets.get(budget_id)
+            if budget is not None:
+                state.put_budget(replace(budget, held=held))
         if loaded.budgets is not None:
             accounts = pending.budget_accounts
-            for budget_id in [i for a in accounts for i in state.account_budget_ids.get(a, ())]:
+            for budget_id in [b.budget_id for a in accounts for b in state.account_budgets(a)]:
                 state.drop_budget(budget_id)
             for budget in loaded.budgets:
                 state.put_budget(budget)
@@ -242,7 +252,7 @@ class SnapshotStore:
             tokens=bool(pending.tokens),
             catalog=pending.catalog,
             rate_limits=bool(pending.rate_limit_accounts),
-            budgets=bool(pending.budget_accounts),
+            budgets=bool(pending.budget_accounts or pending.budget_held),
         )
         await self._announce()
 

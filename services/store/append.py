@@ -198,6 +198,8 @@ def state_keys(events: Sequence[Event], received_at: datetime) -> projections.St
             keys.channels.add(data.channel_id)
         elif kind.startswith("quota.reservation."):
             keys.reservations.add(data.reservation_id)
+            if kind == "quota.reservation.held" and data.token_id is not None:
+                keys.tokens.add(data.token_id)  # its holds count the new one
         elif kind == "quota.budget.set":
             if data.token_id is not None:
                 keys.tokens.add(data.token_id)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from services.store.fold import spender
+from services.store.budget_rules import spender
 from services.store.model import Budget, Changes, State
 from services.store.periods import TOTAL_START, bucket, period_start
 

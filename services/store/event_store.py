@@ -117,6 +117,10 @@ WITH appended AS (
     UPDATE budgets b SET held = u.held
     FROM unnest($38::text[], $39::bigint[]) u(budget_id, held)
     WHERE b.budget_id = u.budget_id
+), token_rows AS (
+    UPDATE tokens t SET holds = u.holds
+    FROM unnest($40::text[], $41::integer[]) u(token_id, holds)
+    WHERE t.token_id = u.token_id
 ), head AS (
     UPDATE ledger_head SET position = $30, hash = $31 WHERE id = 1
 )
@@ -135,12 +139,14 @@ async def write_local(
     """Append events the service wrote itself, with the account and reservation rows they
     changed, the new head and the notification: ONE statement, so one round trip (a hold's
     transaction is otherwise a chain of round trips under the head lock). The caller holds the
-    head lock; `changes` may name accounts, reservations and budgets' `held` only."""
+    head lock; `changes` may name accounts, reservations, and budgets' `held` and tokens'
+    `holds` only."""
     if changes.tokens or changes.catalog or changes.rate_limits or changes.budget_spend:
         raise ValueError("a local write changes only accounts, reservations and budgets")
     if any(key not in state.budgets for key in changes.budgets):
         raise ValueError("a local write does not remove budgets")
     budgets = [state.budgets[key] for key in sorted(changes.budgets)]
+    tokens = [state.tokens[key] for key in sorted(changes.token_holds)]
     accounts = [state.accounts[key] for key in sorted(changes.accounts)]
     holds = [state.reservations[key] for key in sorted(changes.reservations)]
     events = list(zip(*(record[:12] for record in records), strict=True)) or [[]] * 12
@@ -174,6 +180,8 @@ async def write_local(
         [r.model for r in holds],
         [b.budget_id for b in budgets],
         [b.held for b in budgets],
+        [t.token_id for t in tokens],
+        [t.holds for t in tokens],
     )
 
 

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
+
+class FoldError(Exception):
+    """The event is well-formed but cannot be applied to this state (e.g. an unknown token)."""
+
+
 ACTIVE: Final = "active"
 SUSPENDED: Final = "suspended"
 BLACKLISTED: Final = "blacklisted"
@@ -41,6 +46,8 @@ class Token:
     #: After a rotation: the previous key, accepted until `previous_valid_until`.
     previous_key_sha256: str | None = None
     previous_valid_until: datetime | None = None
+    #: Active holds made with this token (what `max_concurrent` caps).
+    holds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +153,9 @@ class State:
     #: a rotated token's previous key too.
     token_keys: dict[str, str] = field(default_factory=dict)
     budgets: dict[str, Budget] = field(default_factory=dict)
-    #: account_id -> its budgets' ids (an index over `budgets`).
-    account_budget_ids: dict[str, set[str]] = field(default_factory=dict)
+    #: account_id -> its budgets, account budgets first, each scope by id: the order checks
+    #: 13a and 13b weigh them in (an index over `budgets`).
+    budgets_by_account: dict[str, tuple[Budget, ...]] = field(default_factory=dict)
     #: (budget_id, period start) -> the usage spent in that period.
     budget_spend: dict[tuple[str, datetime], int] = field(default_factory=dict)
     #: account_id -> ids of its held reservations (an index over `reservations`; held for
@@ -158,9 +166,8 @@ class State:
     #: reads the part a batch's budgets need from the event store).
     usage: dict[tuple[str, str | None, str | None, datetime], int] = field(default_factory=dict)
 
-    def account_budgets(self, account_id: str) -> list[Budget]:
-        ids = self.account_budget_ids.get(account_id)
-        return [self.budgets[i] for i in sorted(ids)] if ids else []
+    def account_budgets(self, account_id: str) -> tuple[Budget, ...]:
+        return self.budgets_by_account.get(account_id, ())
 
     def put_token(self, token: Token) -> None:
         """Store a token row, indexing its key (and a rotated token's previous key)."""
@@ -171,12 +178,21 @@ class State:
 
     def put_budget(self, budget: Budget) -> None:
         self.budgets[budget.budget_id] = budget
-        self.account_budget_ids.setdefault(budget.account_id, set()).add(budget.budget_id)
+        others = (b for b in self.account_budgets(budget.account_id)
+                  if b.budget_id != budget.budget_id)  # fmt: skip
+        self.budgets_by_account[budget.account_id] = tuple(
+            sorted((*others, budget), key=lambda b: (b.scope != ACCOUNT_SCOPE, b.budget_id))
+        )
 
     def drop_budget(self, budget_id: str) -> None:
         budget = self.budgets.pop(budget_id, None)
         if budget is not None:
-            self.account_budget_ids.get(budget.account_id, set()).discard(budget_id)
+            rest = tuple(b for b in self.account_budgets(budget.account_id)
+                         if b.budget_id != budget_id)  # fmt: skip
+            if rest:
+                self.budgets_by_account[budget.account_id] = rest
+            else:
+                del self.budgets_by_account[budget.account_id]
 
     def put_reservation(self, reservation: Reservation) -> None:
         """Store a reservation row, keeping the `active` index in step."""
@@ -201,7 +217,7 @@ class State:
             reservations=dict(self.reservations),
             token_keys=dict(self.token_keys),
             budgets=dict(self.budgets),
-            account_budget_ids={key: set(ids) for key, ids in self.account_budget_ids.items()},
+            budgets_by_account=dict(self.budgets_by_account),
             budget_spend=dict(self.budget_spend),
             active={key: set(ids) for key, ids in self.active.items()},
             usage=dict(self.usage),
@@ -224,6 +240,8 @@ class Changes:
     budget_spend: set[tuple[str, datetime]] = field(default_factory=set)
     #: The accounts whose budgets, or their spend or held, changed.
     budget_accounts: set[str] = field(default_factory=set)
+    #: Tokens whose count of active holds changed (and nothing else: policies need not hear).
+    token_holds: set[str] = field(default_factory=set)
 
     @property
     def catalog(self) -> bool:

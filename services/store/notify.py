@@ -55,8 +55,10 @@ class Notification:
     account_rows: tuple[Account, ...] = ()
     tokens: tuple[str, ...] = ()
     rate_limits: tuple[tuple[str, str], ...] = ()
-    #: Accounts whose budgets (or their spend or held) changed.
+    #: Accounts whose budgets (or their spend or held) changed: to read back.
     budgets: tuple[str, ...] = ()
+    #: Budgets whose `held` alone changed (a hold's commit), as (account_id, budget_id, held).
+    budget_held: tuple[tuple[str, str, int], ...] = ()
     catalog: bool = False
     ledger: bool = False
     heartbeat: bool = False
@@ -81,6 +83,8 @@ class Notification:
             payload["rate_limits"] = [list(key) for key in self.rate_limits]
         if self.budgets:
             payload["budgets"] = list(self.budgets)
+        if self.budget_held:
+            payload["budget_held"] = [list(row) for row in self.budget_held]
         if self.catalog:
             payload["catalog"] = True
         if self.ledger:
@@ -107,6 +111,9 @@ class Notification:
                 tokens=tuple(str(t) for t in raw.get("tokens") or ()),
                 rate_limits=tuple((str(k[0]), str(k[1])) for k in raw.get("rate_limits") or ()),
                 budgets=tuple(str(a) for a in raw.get("budgets") or ()),
+                budget_held=tuple(
+                    (str(r[0]), str(r[1]), int(r[2])) for r in raw.get("budget_held") or ()
+                ),
                 catalog=bool(raw.get("catalog")),
                 ledger=bool(raw.get("ledger")),
                 heartbeat=bool(raw.get("heartbeat")),

@@ -33,7 +33,7 @@ PROJECTION_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
                  "max_concurrent", "holds"),
     "tokens": ("token_id", "account_id", "key_sha256", "key_last6", "expires_at",
                "allowed_cidrs", "allowed_models", "revoked", "position", "max_concurrent",
-               "previous_key_sha256", "previous_valid_until"),
+               "previous_key_sha256", "previous_valid_until", "holds"),
     "channels": ("channel_id", "models", "groups", "enabled", "rate_limited_until", "position"),
     "models": ("model", "kind", "limits", "position"),
     "route_policies": ("route", "min_role", "position"),
@@ -77,6 +77,11 @@ async def load_state(conn: asyncpg.Connection, keys: StateKeys) -> State:
             list(keys.accounts),
         ):
             state.accounts[row["account_id"]] = _account(row)
+    if keys.reservations:
+        for reservation in await load_reservations(conn, sorted(keys.reservations)):
+            state.put_reservation(reservation)
+            if reservation.token_id is not None:  # a hold's end counts down its token's holds
+                keys.tokens.add(reservation.token_id)
     if keys.tokens or keys.token_keys:
         for row in await conn.fetch(
             """
@@ -94,9 +99,6 @@ async def load_state(conn: asyncpg.Connection, keys: StateKeys) -> State:
         ):
             channel = _channel(row)
             state.channels[channel.channel_id] = channel
-    if keys.reservations:
-        for reservation in await load_reservations(conn, sorted(keys.reservations)):
-            state.put_reservation(reservation)
     if keys.accounts:
         await budget_store.load_for_batch(conn, state, keys)
     return state
@@ -161,22 +163,25 @@ async def write_changes(conn: asyncpg.Connection, state: State, changes: Changes
             [a.max_concurrent for a in rows],
             [a.holds for a in rows],
         )
-    if changes.tokens:
+    if changes.tokens or changes.token_holds:
         await conn.executemany(
             """
             INSERT INTO tokens (token_id, account_id, key_sha256, key_last6, expires_at,
                                 allowed_cidrs, allowed_models, revoked, position, max_concurrent,
-                                previous_key_sha256, previous_valid_until)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                                previous_key_sha256, previous_valid_until, holds)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
             ON CONFLICT (token_id) DO UPDATE SET
                 key_sha256 = EXCLUDED.key_sha256, key_last6 = EXCLUDED.key_last6,
                 expires_at = EXCLUDED.expires_at, allowed_cidrs = EXCLUDED.allowed_cidrs,
                 allowed_models = EXCLUDED.allowed_models, revoked = EXCLUDED.revoked,
                 position = EXCLUDED.position, max_concurrent = EXCLUDED.max_concurrent,
                 previous_key_sha256 = EXCLUDED.previous_key_sha256,
-                previous_valid_until = EXCLUDED.previous_valid_until
+                previous_valid_until = EXCLUDED.previous_valid_until, holds = EXCLUDED.holds
             """,
-            [_token_tuple(state.tokens[key]) for key in sorted(changes.tokens)],
+            [
+                _token_tuple(state.tokens[key])
+                for key in sorted(changes.tokens | changes.token_holds)
+            ],
         )
     if changes.channels:
         await conn.executemany(
@@ -360,6 +365,7 @@ def _token(row: Mapping[str, Any]) -> Token:
         max_concurrent=row["max_concurrent"],
         previous_key_sha256=row["previous_key_sha256"],
         previous_valid_until=row["previous_valid_until"],
+        holds=row["holds"],
     )
 
 
@@ -377,6 +383,7 @@ def _token_tuple(t: Token) -> tuple[Any, ...]:
         t.max_concurrent,
         t.previous_key_sha256,
         t.previous_valid_until,
+        t.holds,
     )
 
 

@@ -58,7 +58,7 @@ async def hold(
     in order: `outcome` is `held`, `repeated` (the request id's reservation within its TTL,
     whatever its `state`), or a refusal with `state` NULL: `insufficient` (check 13),
     `budget_exceeded` / `token_budget_exceeded` (13a, 13b: `budget_id` says which) or
-    `concurrency_limited` (13c). `budgets` is JSON: the covering budgets' figures after a
+    `concurrency_limited` (13c). `budgets` is JSON text: the covering budgets' figures after a
     hold, or the refusing budget's."""
     rows: list[asyncpg.Record] = await conn.fetch(
         _HOLD,

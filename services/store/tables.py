@@ -144,6 +144,7 @@ class TokenRow(SQLModel, table=True):
     max_concurrent: int | None = Field(default=None, sa_column=Column(Integer))
     previous_key_sha256: str | None = Field(default=None, sa_column=Column(Text))
     previous_valid_until: datetime | None = Field(default=None, sa_column=_tz())
+    holds: int = Field(sa_column=Column(Integer, nullable=False, server_default=text("0")))
 
 
 class ChannelRow(SQLModel, table=True):

@@ -16,6 +16,7 @@ from tests.builders import (
     assert_history_clean,
     budget_set,
     cloud_event,
+    head_position,
     limits_set,
     recharge,
     token_issued,
@@ -41,16 +42,10 @@ def _timed(event: dict[str, Any], moment: datetime) -> dict[str, Any]:
     return {**event, "time": _text(moment)}
 
 
-async def _head(pool: asyncpg.Pool) -> int:
-    async with pool.acquire() as conn:
-        position: int = await conn.fetchval("SELECT position FROM ledger_head")
-        return position
-
-
 async def publish(ledger: httpx.AsyncClient, pool: asyncpg.Pool, events: list[Any]) -> list[int]:
     """Publish through the ledger, wait until every event is applied (failing at once if one
     is quarantined) and return their positions."""
-    before = await _head(pool)
+    before = await head_position(pool)
     answer = await ledger.post("/events", json=events, headers=AUTH)
     assert answer.status_code == 202, answer.text
 
@@ -58,7 +53,7 @@ async def publish(ledger: httpx.AsyncClient, pool: asyncpg.Pool, events: list[An
         async with pool.acquire() as conn:
             rejected = await conn.fetch("SELECT reason FROM rejected_events")
             assert not rejected, [row["reason"] for row in rejected]
-        return await _head(pool) >= before + len(events)
+        return await head_position(pool) >= before + len(events)
 
     await wait_for(settled, timeout=60, what="the events applied")
     async with pool.acquire() as conn:

@@ -92,7 +92,7 @@ async def stack(
         admin_token=ADMIN_TOKEN,
         allow_anonymous_gateways=True,
         batch_timeout_ms=50,
-        kafka_session_timeout_ms=3_000,
+        kafka_session_timeout_ms=1_500,
         # A busy 2-core machine must not turn a quiet ledger into 503 snapshot_stale.
         max_staleness_seconds=300.0,
         # As talkative as the processes get: every line is searched for keys at the end.

@@ -20,6 +20,7 @@ from tests.builders import (
     assert_history_clean,
     budget_set,
     cloud_event,
+    head_position,
     limits_set,
     recharge,
     token_issued,
@@ -29,7 +30,7 @@ from tests.builders import (
 )
 from tests.conftest import ADMIN_TOKEN
 from tests.ledger.ledger_app import running_ledger
-from tests.processes import QuotaProcess, QuotaProcesses
+from tests.processes import QuotaProcess, QuotaProcesses, start_policies
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 KEY = "sk-budget-key-000000000000000abc123"
@@ -59,12 +60,6 @@ def ask(cost: int | None = None, **more: Any) -> dict[str, Any]:
     return body
 
 
-async def head_position(pool: asyncpg.Pool) -> int:
-    async with pool.acquire() as conn:
-        position: int = await conn.fetchval("SELECT position FROM ledger_head")
-        return position
-
-
 async def publish(ledger: httpx.AsyncClient, pool: asyncpg.Pool, events: list[Any]) -> int:
     """Publish through the ledger and wait until every event is applied."""
     before = await head_position(pool)
@@ -72,16 +67,6 @@ async def publish(ledger: httpx.AsyncClient, pool: asyncpg.Pool, events: list[An
     assert answer.status_code == 202, answer.text
     await wait_for_position(pool, before + len(events))
     return before + len(events)
-
-
-async def start_policies(
-    quota_processes: QuotaProcesses, pool: asyncpg.Pool, count: int, **overrides: Any
-) -> list[QuotaProcess]:
-    policies = [quota_processes.start("policy", f"policy-{i}", **overrides) for i in range(count)]
-    position = await head_position(pool)
-    for policy in policies:
-        await quota_processes.wait_ready(policy, position)
-    return policies
 
 
 async def wait_policies(

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from services.policy.decision import Decision, decide, extract_key, parse_pin, rate_limited
+from services.policy.decision import Decision, decide, rate_limited
 from services.policy.errors import ERRORS
+from services.policy.inputs import extract_key, parse_pin
 from services.policy.request import AuthorizeRequest
 from services.policy.snapshot import RouteTable, Snapshot
 from services.store.model import Account, Channel, ModelSpec, RateLimit, RoutePolicy, State, Token

@@ -15,8 +15,8 @@ from services.policy.app import create_app
 from services.settings import Settings
 from tests.builders import wait_for
 from tests.ledger.ledger_app import running_ledger
-from tests.policy.test_reservations import AUTH, ask, fund, start_policies
-from tests.processes import QuotaProcesses
+from tests.policy.test_reservations import AUTH, ask, fund
+from tests.processes import QuotaProcesses, start_policies
 
 
 @asynccontextmanager

@@ -17,6 +17,7 @@ from services.settings import Settings
 from tests.builders import (
     assert_history_clean,
     cloud_event,
+    head_position,
     recharge,
     token_issued,
     wait_for,
@@ -24,7 +25,7 @@ from tests.builders import (
 )
 from tests.conftest import ADMIN_TOKEN
 from tests.ledger.ledger_app import running_ledger
-from tests.processes import QuotaProcess, QuotaProcesses
+from tests.processes import QuotaProcess, QuotaProcesses, start_policies
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 KEY = "sk-reserve-key-00000000000000001"
@@ -53,22 +54,6 @@ def ask(cost: int, request_id: str | None = None) -> dict[str, Any]:
     if request_id is not None:
         body["request_id"] = request_id
     return body
-
-
-async def head_position(pool: asyncpg.Pool) -> int:
-    async with pool.acquire() as conn:
-        position: int = await conn.fetchval("SELECT position FROM ledger_head")
-        return position
-
-
-async def start_policies(
-    quota_processes: QuotaProcesses, pool: asyncpg.Pool, count: int, **overrides: Any
-) -> list[QuotaProcess]:
-    policies = [quota_processes.start("policy", f"policy-{i}", **overrides) for i in range(count)]
-    position = await head_position(pool)
-    for policy in policies:
-        await quota_processes.wait_ready(policy, position)
-    return policies
 
 
 @pytest.mark.timeout(240)

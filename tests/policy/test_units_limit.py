@@ -16,8 +16,8 @@ import pytest
 from services.settings import Settings
 from tests.builders import cloud_event, recharge, token_issued, wait_for_position
 from tests.ledger.ledger_app import running_ledger
-from tests.policy.test_reservations import AUTH, start_policies
-from tests.processes import QuotaProcesses
+from tests.policy.test_reservations import AUTH
+from tests.processes import QuotaProcesses, start_policies
 
 HOUR = 3600
 RATE_LIMIT_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")

@@ -27,8 +27,9 @@ from services.ledger.audit import verify
 from services.policy.reservations import SWEEP_LIMIT, HoldOutcome, Reservations, _HoldRequest
 from services.store import db, event_store, projections
 from services.store.append import Unique, append_local, fold_and_append
+from services.store.budget_rules import hold_refusal
 from services.store.chain import GENESIS_HASH, chain_hash, payload_hash
-from services.store.fold import apply_event, hold_refusal
+from services.store.fold import apply_event
 from services.store.model import HELD, RELEASED, Changes, Reservation, State
 from services.store.notify import (
     ACCOUNT_ROW_FIELDS,
@@ -191,7 +192,7 @@ async def test_a_commit_notifies_the_rows_it_wrote(pool: asyncpg.Pool, database_
             "position": head.position,
             "account_rows": [["acct_n", 100, 80, row["status"], row["role"], row["group_name"],
                               head.position, None, 2]],
-            "budgets": [],
+            "budget_held": [],
         }
     ]  # fmt: skip
     # The same payload the Python append path would send for that change.
