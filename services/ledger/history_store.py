@@ -73,14 +73,15 @@ async def use_snapshot(conn: asyncpg.Connection, snapshot: str) -> None:
     await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
 
 
-async def holding_subjects(conn: asyncpg.Connection, upto: int) -> list[str]:
-    """Accounts that ever held quota up to `upto`."""
+async def holding_subjects(conn: asyncpg.Connection, upto: int) -> tuple[list[str], bool]:
+    """Accounts that ever held quota or had a budget up to `upto`, and whether any had one."""
     rows = await conn.fetch(
-        "SELECT DISTINCT subject FROM event_store WHERE position <= $1"
-        " AND type IN ('quota.reservation.held', 'quota.budget.set')",
+        "SELECT subject, bool_or(type = 'quota.budget.set') AS budgeted FROM event_store"
+        " WHERE position <= $1 AND type IN ('quota.reservation.held', 'quota.budget.set')"
+        " GROUP BY subject",
         upto,
     )
-    return [row["subject"] for row in rows]
+    return [row["subject"] for row in rows], any(row["budgeted"] for row in rows)
 
 
 async def money_totals(

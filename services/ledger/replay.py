@@ -193,7 +193,7 @@ async def refold_store_fast(
     # so accounts that ever held quota or had a budget are folded wholly in Python, their money
     # events included.
     money_types = sorted(MONEY_EVENTS)
-    holding = await history_store.holding_subjects(conn, upto)
+    holding, budgeted = await history_store.holding_subjects(conn, upto)
     events = 0
     money = await history_store.money_totals(conn, upto, money_types, holding)
     for row in money:
@@ -202,7 +202,7 @@ async def refold_store_fast(
             differences.append(_diff("event_store.balance_delta", f"position {position}",
                                      "the amount the event moved the balance", None))  # fmt: skip
     progress(events)
-    state = State()
+    state = State(track_usage=budgeted)  # usage by time matters only to a budget set later
     changes = Changes()
     pending = 0
     async for row in history_store.other_events(conn, upto, money_types, holding, PAGE_SIZE):
@@ -369,6 +369,8 @@ def _renumber(state: State, positions: dict[int, int]) -> State:
     out = state.copy()
     for f in fields(out):
         table = getattr(out, f.name)
+        if not isinstance(table, dict):
+            continue
         for key, row in list(table.items()):
             if is_dataclass(row) and hasattr(row, "position"):
                 table[key] = replace(row, position=positions.get(row.position, 0))  # type: ignore[type-var]

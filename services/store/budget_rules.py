@@ -99,10 +99,14 @@ def spend(state: State, changes: Changes, event: Event, when: datetime | None) -
     if when is None or data.amount == 0:
         return
     account_id = event.subject
+    budgeted = account_id in state.budgets_by_account
+    if not (budgeted or state.track_usage):
+        return  # the usual case in a ledger batch: no budget to count toward, none to set
     token_id, model = spender(state, event.subject, data)
-    key = (account_id, token_id, model, bucket(when))
-    state.usage[key] = state.usage.get(key, 0) + data.amount
-    if account_id not in state.budgets_by_account:
+    if state.track_usage:
+        key = (account_id, token_id, model, bucket(when))
+        state.usage[key] = state.usage.get(key, 0) + data.amount
+    if not budgeted:
         return
     for budget in state.account_budgets(account_id):
         if budget.covers(token_id, model):

@@ -165,6 +165,8 @@ class State:
     #: what a budget set mid-period counts from the history (a replay folds it all; the ledger
     #: reads the part a batch's budgets need from the event store).
     usage: dict[tuple[str, str | None, str | None, datetime], int] = field(default_factory=dict)
+    #: Whether the fold keeps `usage` (a replay: always; a ledger batch: when it sets a budget).
+    track_usage: bool = True
 
     def account_budgets(self, account_id: str) -> tuple[Budget, ...]:
         return self.budgets_by_account.get(account_id, ())
@@ -221,6 +223,7 @@ class State:
             budget_spend=dict(self.budget_spend),
             active={key: set(ids) for key, ids in self.active.items()},
             usage=dict(self.usage),
+            track_usage=self.track_usage,
         )
 
 

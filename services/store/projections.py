@@ -70,7 +70,7 @@ class StateKeys:
 
 async def load_state(conn: asyncpg.Connection, keys: StateKeys) -> State:
     """Load (and lock, for accounts) the rows a batch may touch."""
-    state = State()
+    state = State(track_usage=bool(keys.budget_sets))
     if keys.accounts:
         for row in await conn.fetch(
             _SELECT_ACCOUNTS + " WHERE account_id = ANY($1::text[]) ORDER BY account_id FOR UPDATE",
