@@ -1,5 +1,5 @@
-"""The benchmarks' infrastructure: a fresh migrated database and a broker, removed afterwards,
-and the one Kafka publisher they all produce with.
+"""The benchmarks' infrastructure: a fresh migrated database and a broker, removed afterwards;
+the options and the run every benchmark shares; the one Kafka publisher they all produce with.
 """
 
 from __future__ import annotations
@@ -12,47 +12,64 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
+import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bench import report
 from services.contract.samples import structured
 from services.infra.broker import TansuBroker
 from services.infra.postgres import find_or_start_postgres, run_on_server, with_database
 from services.migrate import upgrade
 
-DEFAULT_WORKDIR: Final = Path(".work/bench")
 DATABASE_URL_ENV: Final = "QUOTA_BENCH_DATABASE_URL"
 KAFKA_BOOTSTRAP_ENV: Final = "QUOTA_BENCH_KAFKA_BOOTSTRAP"
+#: The rows a history with no quarantined event has none of.
+REJECTED_SQL: Final = "SELECT count(*) FROM rejected_events"
 
 
-def add_infra_arguments(
-    parser: argparse.ArgumentParser, *, result: str | None = None, broker: bool = True
-) -> None:
-    """The options every benchmark takes for `infrastructure`: --database-url, --kafka-bootstrap
-    (when it uses a broker), --workdir, and --output when it writes `result` (a JSON file)."""
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get(DATABASE_URL_ENV) or None,
-        help=f"a PostgreSQL *server* to create a scratch database on (env {DATABASE_URL_ENV});"
-        " default: find_or_start_postgres (127.0.0.1:5432, else embedded)",
-    )
+def arguments(bench: str, description: str, *, broker: bool = True) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark takes: where PostgreSQL (and the broker) are,
+    --workdir, and --output for the JSON result."""
+    parser = argparse.ArgumentParser(prog=f"python -m {bench}", description=description)
+    option = parser.add_argument
+    option("--database-url", default=os.environ.get(DATABASE_URL_ENV) or None,
+           help=f"a PostgreSQL *server* to create a scratch database on (env {DATABASE_URL_ENV});"
+           " default: find_or_start_postgres (127.0.0.1:5432, else embedded)")  # fmt: skip
     if broker:
-        parser.add_argument(
-            "--kafka-bootstrap",
-            default=os.environ.get(KAFKA_BOOTSTRAP_ENV) or None,
-            help=f"host:port of a broker to use (env {KAFKA_BOOTSTRAP_ENV}); default: start Tansu",
-        )
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    if result is not None:
-        parser.add_argument(
-            "--output", type=Path, default=None, help=f"JSON result (default WORKDIR/{result})"
-        )
+        option("--kafka-bootstrap", default=os.environ.get(KAFKA_BOOTSTRAP_ENV) or None,
+               help=f"host:port of a broker to use (env {KAFKA_BOOTSTRAP_ENV});"
+               " default: start Tansu")  # fmt: skip
+    option("--workdir", type=Path, default=Path(".work/bench"))
+    option("--output", type=Path, default=None,
+           help=f"JSON result (default WORKDIR/{bench.removeprefix('bench.')}.json)")  # fmt: skip
+    return parser
+
+
+def run(
+    args: argparse.Namespace,
+    bench: str,
+    measure: Callable[[Infra], Coroutine[Any, Any, dict[str, Any]]],
+    render: Callable[[dict[str, Any]], str],
+    *,
+    broker: bool = True,
+) -> dict[str, Any]:
+    """`measure` on fresh infrastructure; print `render(result)`, write the JSON result."""
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    output: Path = args.output or args.workdir / f"{bench.removeprefix('bench.')}.json"
+    started = time.perf_counter()
+    bootstrap = args.kafka_bootstrap if broker else None
+    with infrastructure(args.workdir, args.database_url, bootstrap, bench, broker=broker) as it:
+        result = asyncio.run(measure(it))
+    print("\n" + render(result))
+    report.write_json(output, result)
+    print(f"\nwrote {output} ({time.perf_counter() - started:.0f}s in all)")
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +107,12 @@ def infrastructure(
     workdir: Path,
     database_url: str | None,
     kafka_bootstrap: str | None,
+    bench: str,
     *,
-    bench: str = "bench.fold",
     broker: bool = True,
 ) -> Iterator[Infra]:
-    """PostgreSQL (given, local or embedded) with a fresh migrated database, and a broker.
-
-    A given `database_url` names a *server*: the benchmark creates (and later drops) a
-    database of its own there, so existing data never skews the numbers or the checks.
-    """
+    """PostgreSQL (given, local or embedded) with a fresh migrated database of the benchmark's
+    own (a given `database_url` names a *server*), and a broker."""
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         handle = find_or_start_postgres(workdir, url=database_url)
@@ -141,10 +155,9 @@ async def remove_topic(bootstrap: str, topic: str, groups: list[str]) -> None:
 
 
 class Publisher:
-    """The benchmarks' Kafka producer: records keyed by subject, acknowledged by all replicas
-    (as the ledger's `POST /events` produces). `linger_ms=0` for one record at a time."""
+    """Records keyed by subject, acknowledged by all replicas (as `POST /events` produces).
+    `linger_ms=0` for one record at a time; WINDOW sends are in flight before waiting."""
 
-    #: Sends in flight before waiting for their acknowledgements.
     WINDOW: Final = 10_000
 
     def __init__(self, bootstrap: str, topic: str, *, linger_ms: int = 5) -> None:
@@ -157,9 +170,7 @@ class Publisher:
         await self.producer.start()
         return self
 
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.producer.stop()
 
     async def send_all(self, records: Iterable[tuple[bytes, bytes]]) -> None:

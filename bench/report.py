@@ -2,35 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from bench.infra import Infra
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def memory_gib() -> float | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 1024 / 1024
-    except (OSError, ValueError, IndexError):
-        pass
+def proc_field(path: str, key: str) -> str | None:
+    """The value after `key:` in a /proc file (e.g. /proc/meminfo), or None."""
+    with contextlib.suppress(OSError), open(path, encoding="utf-8") as handle:
+        for line in handle:
+            name, _, value = line.partition(":")
+            if name.strip() == key:
+                return value.strip()
     return None
+
+
+def proc_kib(path: str, key: str) -> int | None:
+    """A /proc size in KiB (e.g. `VmRSS` of /proc/<pid>/status), or None."""
+    value = proc_field(path, key)
+    return int(value.split()[0]) if value else None
 
 
 def usable_cores() -> int:
@@ -41,11 +42,12 @@ def usable_cores() -> int:
 
 
 def machine(postgres_version: str, postgres_kind: str, broker: str, **facts: Any) -> dict[str, Any]:
+    cpu = proc_field("/proc/cpuinfo", "model name")
     return {
-        "cpu": cpu_model(),
+        "cpu": cpu or platform.processor() or platform.machine() or "unknown",
         "cores": usable_cores(),
         "logical_cpus": os.cpu_count(),
-        "ram_gib": round(memory_gib() or 0.0, 1),
+        "ram_gib": round((proc_kib("/proc/meminfo", "MemTotal") or 0) / 1024 / 1024, 1),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "postgresql": f"{postgres_version} ({postgres_kind})",
         "broker": broker,
@@ -54,31 +56,45 @@ def machine(postgres_version: str, postgres_kind: str, broker: str, **facts: Any
     }
 
 
+async def header(
+    bench: str, conn: asyncpg.Connection | asyncpg.Pool, infra: Infra, **facts: Any
+) -> dict[str, Any]:
+    """A result's first fields: the benchmark, when, and the machine (PostgreSQL's version)."""
+    version = str(await conn.fetchval("SHOW server_version"))
+    return {
+        "benchmark": bench,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(version, infra.postgres_kind, infra.broker, **facts),
+    }
+
+
+def machine_row(m: dict[str, Any]) -> tuple[str, str]:
+    return "machine", f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM"
+
+
+def machine_table(m: dict[str, Any]) -> str:
+    return table([(k, str(v)) for k, v in m.items()], "machine")
+
+
 def table(rows: Sequence[tuple[str, str]], title: str | None = None) -> str:
-    width = max(len(name) for name, _ in rows)
-    value_width = max(len(value) for _, value in rows)
+    """Name | value rows, both left-aligned."""
+    width, value_width = (max(len(row[i]) for row in rows) for i in (0, 1))
     rule = "+" + "-" * (width + 2) + "+" + "-" * (value_width + 2) + "+"
-    lines = [title] if title else []
-    lines.append(rule)
-    for name, value in rows:
-        lines.append(f"| {name:<{width}} | {value:<{value_width}} |")
-    lines.append(rule)
-    return "\n".join(lines)
+    lines = [rule, *(f"| {name:<{width}} | {value:<{value_width}} |" for name, value in rows), rule]
+    return "\n".join([title, *lines] if title else lines)
 
 
 def grid(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None) -> str:
+    """Columns under a header: the first left-aligned, the others right-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
-        out = []
-        for i, cell in enumerate(cells):
-            out.append(f"{cell:<{widths[i]}}" if i == 0 else f"{cell:>{widths[i]}}")
-        return "| " + " | ".join(out) + " |"
+        pairs = enumerate(zip(cells, widths, strict=False))
+        return "| " + " | ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in pairs) + " |"
 
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    lines = [title] if title else []
-    lines += [rule, line(header), rule, *(line(r) for r in rows), rule]
-    return "\n".join(lines)
+    lines = [rule, line(header), rule, *(line(r) for r in rows), rule]
+    return "\n".join([title, *lines] if title else lines)
 
 
 def rate(value: float | None) -> str:
@@ -86,9 +102,7 @@ def rate(value: float | None) -> str:
 
 
 def ms(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" if value < 1 else f"{value:.2f}"
+    return "n/a" if value is None else f"{value:.3f}" if value < 1 else f"{value:.2f}"
 
 
 def write_json(path: Path, result: dict[str, Any]) -> None:

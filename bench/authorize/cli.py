@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -13,45 +13,37 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
 import httpx
-import structlog
 import uvicorn
 
 from bench import report
 from bench.authorize import world, wrk
 from bench.authorize.ledger import measure_freshness, running_ledger, wait_for_position
-from bench.infra import Infra, add_infra_arguments, infrastructure, publish, say
-from services.infra.broker import free_port
+from bench.infra import REJECTED_SQL, Infra, arguments, publish, run, say
+from services.infra.processes import QuotaProcesses
 from services.ledger.audit import verify
 from services.settings import Settings, asyncpg_dsn
+from services.store.event_store import read_head
 
-ROOT: Final = Path(__file__).resolve().parents[2]
 SERVICE_TOKEN: Final = "bench-service-token-0123456789"
 HEADERS: Final = {"Content-Type": "application/json", "X-Quota-Service-Token": SERVICE_TOKEN}
 #: The policy's reservation TTL in the bench server: longer than any run, so no hold of the
 #: reservation scenario expires before the end-of-run checks count them.
 RESERVATION_TTL_SECONDS: Final = 3_600
 #: Decisions by reason, and the hold group commit's `<histogram>_sum` / `_count`.
-_METRIC: Final = re.compile(
-    r'^quota_policy_(?:decisions_total\{reason="([^"]+)"\}|hold_(batch_size_(?:sum|count)))'
-    r"\s+(\S+)$",
-    re.M,
-)
-
-
-def step(message: str) -> None:
-    say("bench.authorize", message)
+_METRIC: Final = re.compile(r'^quota_policy_(?:decisions_total\{reason="([^"]+)"\}|hold_'
+                            r"(batch_size_(?:sum|count)))\s+(\S+)$", re.M)  # fmt: skip
+step = functools.partial(say, "bench.authorize")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.authorize",
-        description="POST /authorize throughput, latency and freshness against its yardsticks.",
+    parser = arguments(
+        "bench.authorize",
+        "POST /authorize throughput, latency and freshness against its yardsticks.",
     )
     option = parser.add_argument
     option("--duration", type=int, default=10, help="whole seconds per wrk scenario")
@@ -64,7 +56,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     option("--fetch-max-wait-ms", type=int, help="Settings.kafka_fetch_max_wait_ms of the ledger")
     option("--no-single", action="store_true", help="skip the 1-connection run of allowed")
     option("--only", default="", help="comma-separated scenarios to run (e.g. baseline,reserve)")
-    add_infra_arguments(parser, result="authorize.json")
     option("--fail-on-miss", action="store_true", help="exit 2 when a target is missed")
     args = parser.parse_args(argv)
     if args.duration < 1 or args.warmup < 0:
@@ -72,9 +63,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not 1 <= args.threads <= args.connections or min(args.fresh_events, args.pool_size) < 1:
         parser.error("need 1 <= --threads <= --connections, --fresh-events and --pool-size >= 1")
     return args
-
-
-# --- scenarios ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,8 +180,6 @@ async def run_scenario(
     return row, checks
 
 
-# --- no overdraft ------------------------------------------------------------------------------
-
 OVERDRAWN_SQL: Final = "SELECT account_id FROM accounts WHERE held > balance OR held < 0"
 #: Per account: accounts.held against the amounts of its reservations in state held.
 HELD_MISMATCH_SQL: Final = """
@@ -278,45 +264,21 @@ async def no_overdraft(conn: asyncpg.Connection, answered: tuple[int, int] | Non
     return checks
 
 
-# --- the server process and the run ------------------------------------------------------------
-
-
 @contextlib.asynccontextmanager
-async def server_process(database_url: str, workdir: Path, pool_size: int) -> AsyncIterator[str]:
+async def server_process(settings: Settings, workdir: Path, pool_size: int) -> AsyncIterator[str]:
     """`python -m bench.authorize.server` as a child process; its URL once it is ready."""
-    port, log = free_port(), (workdir / "authorize-server.log").resolve()
-    env = os.environ | {
-        "QUOTA_DATABASE_URL": database_url, "QUOTA_SERVICE_TOKEN": SERVICE_TOKEN,
-        "QUOTA_REDIS_URL": "", "QUOTA_FAIL_OPEN": "false",
-        "QUOTA_RESERVATION_TTL_SECONDS": str(RESERVATION_TTL_SECONDS),
-    }  # fmt: skip
-    command = ["-m", "bench.authorize.server", "--port", str(port), "--pool-size", str(pool_size)]
-    with log.open("wb") as handle:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, *command, stdout=handle, stderr=handle, cwd=ROOT, env=env
-        )
-    url = f"http://127.0.0.1:{port}"
-    step(f"server: pid {process.pid} on {url} (log {log})")
+    (workdir / "authorize-server.log").unlink(missing_ok=True)
+    fleet = QuotaProcesses(settings, workdir.resolve())
+    program = [sys.executable, "-m", "bench.authorize.server", "--pool-size", str(pool_size)]
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                if process.returncode is not None or time.monotonic() > deadline:
-                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-                    raise RuntimeError(f"the server was not ready in 60 s:\n{tail}")
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.1)
-        yield url
+        server = fleet.start("policy", "authorize-server", program=program,
+                             service_token=SERVICE_TOKEN, redis_url="", fail_open=False,
+                             reservation_ttl_seconds=RESERVATION_TTL_SECONDS)  # fmt: skip
+        step(f"server: pid {server.process.pid} on {server.url} (log {server.log_path})")
+        await fleet.wait_ready(server)
+        yield server.url
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        fleet.close()
 
 
 async def _bench(args: argparse.Namespace, infra: Infra, binary: str) -> dict[str, Any]:
@@ -337,7 +299,7 @@ async def _bench(args: argparse.Namespace, infra: Infra, binary: str) -> dict[st
             produce_seconds = await publish(infra.bootstrap, settings.topic, events)
             await wait_for_position(commits, len(events), timeout=600)
             async with (
-                server_process(infra.database_url, args.workdir, args.pool_size) as url,
+                server_process(settings, args.workdir, args.pool_size) as url,
                 httpx.AsyncClient(base_url=url, timeout=30) as client,
             ):
                 rows: list[dict[str, Any]] = []
@@ -348,7 +310,7 @@ async def _bench(args: argparse.Namespace, infra: Infra, binary: str) -> dict[st
                     rows.append(row)
                     checks += found
                 step(f"freshness: {args.fresh_events:,} recharges, one at a time")
-                head = await conn.fetchval("SELECT position FROM ledger_head WHERE id = 1")
+                head = (await read_head(conn)).position
                 freshness = await measure_freshness(
                     infra.bootstrap, settings.topic, commits, client, args.fresh_events, head
                 )
@@ -360,8 +322,9 @@ async def _bench(args: argparse.Namespace, infra: Infra, binary: str) -> dict[st
                 else None
             )
             checks += await no_overdraft(conn, answered)
-        version = await conn.fetchval("SHOW server_version")
-        rejected = await conn.fetchval("SELECT count(*) FROM rejected_events")
+        facts = {"wrk": wrk.wrk_version(binary), "uvicorn": uvicorn.__version__}
+        result = await report.header("bench.authorize", conn, infra, **facts)
+        rejected = await conn.fetchval(REJECTED_SQL)
     finally:
         await conn.close()
     stamped = freshness["commit_stamped"]
@@ -370,11 +333,7 @@ async def _bench(args: argparse.Namespace, infra: Infra, binary: str) -> dict[st
               stamped == freshness["events"], f"{stamped} of {freshness['events']}"),
         Check("no event quarantined", rejected == 0, f"{rejected} rejected"),
     ]  # fmt: skip
-    return {
-        "benchmark": "bench.authorize",
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": report.machine(version, infra.postgres_kind, infra.broker,
-                                  wrk=wrk.wrk_version(binary), uvicorn=uvicorn.__version__),
+    return result | {
         "settings": {
             "duration_seconds": args.duration, "warmup_seconds": args.warmup,
             "connections": args.connections, "threads": args.threads, "uvicorn_workers": 1,
@@ -402,17 +361,12 @@ def _targets(rows: list[dict[str, Any]], freshness: dict[str, Any]) -> list[dict
         ("allowed rps / baseline rps", ratio("allowed", "baseline"), ">=", 4.0, "x"),
         ("reserve rps / baseline rps", ratio("reserve", "baseline"), ">=", 1.0, "x"),
         ("budgeted rps / allowed rps", ratio("budgeted", "allowed"), ">=", 0.9, "x"),
-        (
-            "reserve budgeted rps / reserve rps",
-            ratio("reserve_budgeted", "reserve"),
-            ">=",
-            0.9,
-            "x",
-        ),
+        ("reserve budgeted rps / reserve rps", ratio("reserve_budgeted", "reserve"), ">=", 0.9,
+         "x"),
         ("allowed p99 latency", p99.get("allowed"), "<=", 3.0, "ms"),
         ("denied p99 latency", p99.get("denied"), "<=", 3.0, "ms"),
         ("freshness p99 (produce -> snapshot)", freshness["total_ms"]["p99"], "<=", 100.0, "ms"),
-    ]
+    ]  # fmt: skip
     return [
         {"metric": metric, "value": round(value, 4), "target": f"{op} {target:g} {unit}",
          "pass": value >= target if op == ">=" else value <= target}
@@ -424,7 +378,7 @@ def _targets(rows: list[dict[str, Any]], freshness: dict[str, Any]) -> list[dict
 def _render(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     parts = [report.table([
-        ("machine", f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM"),
+        report.machine_row(m),
         ("python / uvicorn / wrk", f"{m['python']} / uvicorn {m['uvicorn']} / {m['wrk']}"),
         ("postgresql / broker", f"{m['postgresql']} / {m['broker']}"),
         ("load", f"wrk -t{s['threads']} -c{s['connections']} -d{s['duration_seconds']}s "
@@ -433,16 +387,8 @@ def _render(result: dict[str, Any]) -> str:
         ("world", f"{s['world_events']:,} events through Kafka and the ledger"),
         ("ledger fetch wait", f"kafka_fetch_max_wait_ms={s['kafka_fetch_max_wait_ms']}"),
     ], "bench.authorize")]  # fmt: skip
-    header = [
-        "scenario",
-        "conns",
-        "req/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "p99.9 ms",
-        "holds/commit",
-    ]
+    header = ["scenario", "conns", "req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
+              "holds/commit"]  # fmt: skip
     rows = [[row["label"], str(row["connections"]), f"{row['requests_per_second']:,.0f}",
              *(report.ms(row["latency_ms"].get(p)) for p in ("p50", "p90", "p99", "p99.9")),
              str(row["holds_per_commit"] or "")] for row in result["scenarios"]]  # fmt: skip
@@ -474,20 +420,12 @@ def _render(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     try:
         binary = wrk.find_wrk()
     except wrk.WrkMissing as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    output: Path = args.output or args.workdir / "authorize.json"
-    started = time.perf_counter()
-    bench = "bench.authorize"
-    with infrastructure(args.workdir, args.database_url, args.kafka_bootstrap, bench=bench) as it:
-        result = asyncio.run(_bench(args, it, binary))
-    print("\n" + _render(result))
-    report.write_json(output, result)
-    print(f"\nwrote {output} ({time.perf_counter() - started:.0f}s in all)")
+    result = run(args, "bench.authorize", lambda infra: _bench(args, infra, binary), _render)
     if not all(c["ok"] for c in result["checks"]):
         return 1
     return 2 if args.fail_on_miss and not all(t["pass"] for t in result["targets"]) else 0

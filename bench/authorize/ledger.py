@@ -1,13 +1,7 @@
-"""The real ledger in the driver's process, and the freshness scenario.
-
-The ledger runs as `services.ledger.app.create_app(settings, on_commit=...)` with its lifespan
-(pool, producer, `LedgerConsumer`, heartbeat), exactly as `quota ledger` runs it; `on_commit`
-stamps the monotonic clock whenever a batch commits. Its heartbeat keeps the policy from going
-stale (`QUOTA_MAX_STALENESS_SECONDS`) while wrk runs, so the driver's event loop must stay free.
-
-Time stamps are `time.monotonic_ns()`: CLOCK_MONOTONIC on Linux, one clock for every process
-of the machine, so the server's "snapshot reached position N" compares with the driver's
-"event produced".
+"""The real ledger (`create_app` with its lifespan, as `quota ledger` runs it) in the driver's
+process, its commits stamped through `on_commit`, and the freshness scenario. Its heartbeat
+keeps the policy fresh while wrk runs, so the driver's event loop must stay free. Stamps are
+`time.monotonic_ns()`: on Linux one clock for every process, so the server's stamps compare.
 """
 
 from __future__ import annotations
@@ -31,8 +25,8 @@ from services.settings import Settings
 
 
 class CommitLog:
-    """(position, monotonic ns) of every batch the ledger committed. The stamp is taken just
-    after COMMIT returned, which makes "ledger commit -> snapshot" a little short, never long."""
+    """(position, monotonic ns) of every batch the ledger committed, stamped just after COMMIT
+    returned ("ledger commit -> snapshot" is a little short, never long)."""
 
     def __init__(self) -> None:
         self.positions: list[int] = []
@@ -40,7 +34,6 @@ class CommitLog:
 
     @property
     def position(self) -> int:
-        """The ledger's head after its last commit (0 before the first)."""
         return self.positions[-1] if self.positions else 0
 
     def __call__(self, batch: CommittedBatch) -> None:
@@ -63,27 +56,21 @@ async def running_ledger(settings: Settings) -> AsyncIterator[CommitLog]:
 
 
 async def wait_for_position(commits: CommitLog, position: int, timeout: float) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while commits.position < position:
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise RuntimeError(
-            f"the ledger did not reach position {position} within {timeout:.0f}s "
-            f"(at {commits.position})"
-        ) from None
+    deadline = time.monotonic() + timeout
+    while commits.position < position:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the ledger did not reach position {position} within "
+                               f"{timeout:.0f}s (at {commits.position})")  # fmt: skip
+        await asyncio.sleep(0.02)
 
 
 async def measure_freshness(
     bootstrap: str, topic: str, commits: CommitLog, server: httpx.AsyncClient, count: int,
     head: int, warmup: int = 5,
 ) -> dict[str, Any]:  # fmt: skip
-    """Produce `count` recharges one at a time; for each, when the policy's snapshot had it.
-
-    Each event is produced only after the previous one reached the snapshot, so the ledger
-    position names it: (position before) + 1. `head` is the ledger head read from PostgreSQL:
-    holds written by the policy move it without the ledger's consumer knowing.
-    """
+    """Produce `count` recharges one at a time (each after the previous one reached the
+    snapshot, so it is at position + 1 from `head`, the head in PostgreSQL: the policy's holds
+    move it too); for each, when the policy's snapshot had it."""
     #: (position, produced, acknowledged, reached the snapshot), monotonic ns.
     samples: list[tuple[int, int, int, int]] = []
     async with Publisher(bootstrap, topic, linger_ms=0) as publisher:

@@ -1,18 +1,6 @@
-"""The benchmark's server: ONE uvicorn worker serving the policy app and its yardsticks.
-
-    python -m bench.authorize.server --host 127.0.0.1 --port 8123
-
-Configured like `quota policy` (`QUOTA_*` variables read by `Settings`, `configure_logging`,
-uvicorn with `log_config=None` and the access log as `Settings.access_log` says). One ASGI
-callable dispatches by path:
-
-* `/raw`: a bare ASGI callable (no framework) that reads the body and returns a constant JSON:
-  the ceiling of this server, loop and HTTP parser;
-* `/baseline`: a plain FastAPI endpoint that asks PostgreSQL per request (asyncpg pool, one
-  `SELECT` joining the token by key hash to its account) and returns JSON;
-* `/_bench/reached`: when the snapshot reached a position (the freshness scenario);
-* everything else: the real policy app from `services.policy.app.create_app`, its lifespan
-  (snapshot load, LISTEN/NOTIFY, rate limiter, holds) run by this dispatcher's lifespan.
+"""The benchmark's server, configured like `quota policy` (`QUOTA_*` variables): ONE uvicorn
+worker serving `/raw` (a bare ASGI ceiling), `/baseline` (FastAPI + PostgreSQL per request),
+`/_bench/reached` (the freshness scenario) and, for every other path, the real policy app.
 """
 
 from __future__ import annotations
@@ -45,10 +33,8 @@ RAW_BODY: Final = json.dumps(
      "channels": [1, 2], "reservation": None, "position": 20_000},
     separators=(",", ":"),
 ).encode()  # fmt: skip
-RAW_HEADERS: Final = [
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(RAW_BODY)).encode()),
-]
+RAW_HEADERS: Final = [(b"content-type", b"application/json"),
+                      (b"content-length", str(len(RAW_BODY)).encode())]  # fmt: skip
 BASELINE_SQL: Final = """
 SELECT t.token_id, t.revoked, a.account_id, a.balance, a.held, a.status, a.role, a.group_name
 FROM tokens t JOIN accounts a ON a.account_id = t.account_id
@@ -69,8 +55,21 @@ async def raw_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 def helpers(dispatcher: Dispatcher) -> FastAPI:
-    """The baseline endpoint and the freshness long poll (the dispatcher runs the lifespan)."""
-    app = FastAPI(title="bench.authorize helpers", openapi_url=None)
+    """The baseline endpoint and the freshness long poll; its lifespan runs the policy's."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        policy, size = dispatcher.policy, dispatcher.pool_size
+        async with (  # and a plain asyncpg pool, as such a service would have
+            policy.router.lifespan_context(policy),
+            asyncpg.create_pool(asyncpg_dsn(dispatcher.settings.database_url), min_size=size,
+                                max_size=size) as pool,
+        ):  # fmt: skip
+            dispatcher.pools.append(pool)
+            yield
+            dispatcher.pools.remove(pool)
+
+    app = FastAPI(title="bench.authorize helpers", openapi_url=None, lifespan=lifespan)
 
     @app.post("/baseline")
     async def baseline(request: Request) -> JSONResponse:
@@ -107,8 +106,8 @@ def helpers(dispatcher: Dispatcher) -> FastAPI:
 
 
 class Dispatcher:
-    """`/raw` to the bare callable, `/baseline` and `/_bench/` to the helpers, the rest to the
-    policy app; one lifespan for all of it."""
+    """`/raw` to the bare callable, `/baseline`, `/_bench/` and the lifespan to the helpers,
+    the rest to the policy app."""
 
     def __init__(self, settings: Settings, pool_size: int) -> None:
         self.settings = settings
@@ -119,37 +118,12 @@ class Dispatcher:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-        elif path == "/raw":
+        if path == "/raw":
             await raw_endpoint(scope, receive, send)
-        elif path == "/baseline" or path.startswith("/_bench/"):
+        elif scope["type"] == "lifespan" or path == "/baseline" or path.startswith("/_bench/"):
             await self.helpers(scope, receive, send)
         else:
             await self.policy(scope, receive, send)
-
-    @contextlib.asynccontextmanager
-    async def _running(self) -> AsyncIterator[None]:
-        async with self.policy.router.lifespan_context(self.policy):
-            # A plain asyncpg pool, as such a service would have.
-            dsn, size = asyncpg_dsn(self.settings.database_url), self.pool_size
-            self.pools.append(await asyncpg.create_pool(dsn, min_size=size, max_size=size))
-            try:
-                yield
-            finally:
-                await self.pools.pop().close()
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        await receive()  # lifespan.startup
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                await stack.enter_async_context(self._running())
-            except Exception as exc:
-                await send({"type": "lifespan.startup.failed", "message": repr(exc)})
-                return
-            await send({"type": "lifespan.startup.complete"})
-            await receive()  # lifespan.shutdown
-        await send({"type": "lifespan.shutdown.complete"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,6 @@
-"""The world the benchmark decides in: a catalog, filler accounts, and the scenario's keys.
-
-Every account is opened by events through Kafka and the real ledger, so the policy's snapshot
-is built exactly as in production. The filler accounts (each with a recharge and a token) give
-the snapshot a realistic size. bench.soak uses the catalog, the hot account and the fillers.
+"""The world the benchmark decides in, opened by events through Kafka and the real ledger: a
+catalog, filler accounts (a realistic snapshot size) and the scenarios' keys. bench.soak uses
+the catalog, the hot account and the fillers.
 """
 
 from __future__ import annotations
@@ -28,8 +26,6 @@ HOLD_ACCOUNTS: Final = 8
 HOLD_COST: Final = 100
 #: 10**13 holds of HOLD_COST each: none is refused for want of quota during any run.
 BIG_BALANCE: Final = 10**15
-
-
 #: The budgeted rows' accounts: three covering budgets (a day budget in UTC, a week budget for
 #: the model in another zone, a month budget of the token) and a cap on concurrent holds, all
 #: too large to be used up in a run, so each decision weighs them and none is refused.

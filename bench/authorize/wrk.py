@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Final
 
 _UNIT_MS: Final = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
-_DURATION: Final = re.compile(r"^([\d.]+)(us|ms|s|m|h)$")
-_PERCENTILE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)%\s+([\d.]+(?:us|ms|s|m|h))\s*$", re.M)
+_PERCENTILE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
 _RATE: Final = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
 _NON_2XX: Final = re.compile(r"^\s*Non-2xx or 3xx responses:\s+(\d+)", re.M)
 _SOCKET: Final = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
@@ -87,13 +86,6 @@ def write_script(path: Path, bodies: Sequence[bytes], headers: dict[str, str]) -
     return path
 
 
-def to_ms(text: str) -> float:
-    match = _DURATION.match(text.strip())
-    if match is None:
-        raise ValueError(f"not a wrk duration: {text!r}")
-    return float(match.group(1)) * _UNIT_MS[match.group(2)]
-
-
 @dataclass(slots=True)
 class WrkResult:
     requests: int
@@ -108,16 +100,14 @@ class WrkResult:
 def parse(output: str) -> WrkResult:
     """Parse wrk's `--latency` report and the `done` hook's JSON line."""
     rate, done = _RATE.search(output), _DONE.search(output)
-    latency = {f"p{m.group(1)}": to_ms(m.group(2)) for m in _PERCENTILE.finditer(output)}
+    latency = {f"p{m[1]}": float(m[2]) * _UNIT_MS[m[3]] for m in _PERCENTILE.finditer(output)}
     if rate is None or done is None or "p99" not in latency:
         raise ValueError(f"cannot parse wrk output (did the script run?):\n{output}")
     extra = json.loads(done.group(1))
     latency["p99.9"] = extra["p999_us"] / 1000
     non_2xx, socket = _NON_2XX.search(output), _SOCKET.search(output)
-    names = ("connect", "read", "write", "timeout")
-    errors = dict(
-        zip(names, (int(g) for g in socket.groups()) if socket else (0,) * 4, strict=True)
-    )
+    counts = map(int, socket.groups()) if socket else (0,) * 4
+    errors = dict(zip(("connect", "read", "write", "timeout"), counts, strict=True))
     return WrkResult(
         requests=extra["requests"],
         seconds=extra["duration_us"] / 1e6,

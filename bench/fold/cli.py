@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
-import time
+import functools
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-
-import structlog
 
 from bench import report
 from bench.fold.runs import check, produce, run_fold, run_raw
-from bench.infra import Infra, add_infra_arguments, infrastructure, remove_topic, say
+from bench.infra import Infra, arguments, remove_topic, run, say
 from services.infra.topics import ensure_topic
 from services.settings import Settings
 from services.store import db
 
+step = functools.partial(say, "bench.fold")
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.fold",
-        description="Fold throughput of the ledger consumer against a plain Kafka consumer.",
+    parser = arguments(
+        "bench.fold", "Fold throughput of the ledger consumer against a plain Kafka consumer."
     )
     option = parser.add_argument
     option("--events", type=int, default=200_000, help="events to produce")
@@ -35,7 +30,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     option("--batch-timeout-ms", type=int, default=200, help="Settings.batch_timeout_ms")
     option("--raw-max-records", type=int, default=100_000, help="max_records of the raw getmany")
     option("--pool-size", type=int, default=10, help="asyncpg pool max_size")
-    add_infra_arguments(parser, result="fold.json")
     option("--target", type=float, default=0.35, help="target ratio fold/raw")
     option("--seed", type=int, default=1, help="workload random seed")
     option("--timeout", type=float, default=900.0, help="seconds per measured run")
@@ -53,25 +47,25 @@ async def _bench(args: argparse.Namespace, infra: Infra) -> dict[str, Any]:
     raw_group, ledger_group = f"bench-raw-{suffix}", f"bench-ledger-{suffix}"
     await ensure_topic(infra.bootstrap, topic, args.partitions)
     try:
-        say("bench.fold", f"producing {args.events:,} events over {args.accounts:,} accounts")
+        step(f"producing {args.events:,} events over {args.accounts:,} accounts")
         produced = await produce(infra.bootstrap, topic, args.events, args.accounts, args.seed)
-        say("bench.fold", f"produced in {produced.seconds:.1f}s; raw: getmany + json.loads")
+        step(f"produced in {produced.seconds:.1f}s; raw: getmany + json.loads")
         raw = await run_raw(
             infra.bootstrap, topic, raw_group, args.events, args.raw_max_records, args.timeout
         )
         pool = await db.create_pool(infra.database_url, max_size=args.pool_size)
         try:
-            version = str(await pool.fetchval("SHOW server_version"))
             settings = Settings(
                 database_url=infra.database_url, kafka_bootstrap=infra.bootstrap, topic=topic,
                 topic_partitions=args.partitions, consumer_group=ledger_group,
                 batch_max_records=args.batch_max_records,
                 batch_timeout_ms=args.batch_timeout_ms, dev_mode=True,
             )  # fmt: skip
-            say("bench.fold", f"fold: LedgerConsumer, batch_max_records={args.batch_max_records}")
+            step(f"fold: LedgerConsumer, batch_max_records={args.batch_max_records}")
             fold = await run_fold(settings, pool, args.events, args.timeout)
-            say("bench.fold", "checking the projections; verify (chain and re-fold)")
+            step("checking the projections; verify (chain and re-fold)")
             checks = await check(pool, args.events, produced.amount_sum, len(produced.accounts))
+            head = await report.header("bench.fold", pool, infra)
         finally:
             await pool.close()
     finally:
@@ -79,10 +73,7 @@ async def _bench(args: argparse.Namespace, infra: Infra) -> dict[str, Any]:
             await remove_topic(infra.bootstrap, topic, [raw_group, ledger_group])
     raw_d, fold_d = raw.as_dict(), fold.as_dict()
     ratio = fold_d["events_per_second_post_join"] / raw_d["events_per_second_post_join"]
-    return {
-        "benchmark": "bench.fold",
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": report.machine(version, infra.postgres_kind, infra.broker),
+    return head | {
         "workload": {
             "events": args.events, "accounts": args.accounts, "partitions": args.partitions,
             "type": "quota.account.usage_recorded", "mode": "structured JSON, keyed by subject",
@@ -121,7 +112,7 @@ def _render(result: dict[str, Any]) -> str:
         )
 
     rows = [
-        ("machine", f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM"),
+        report.machine_row(m),
         ("python / postgresql", f"{m['python']} / {m['postgresql']}"),
         ("broker", m["broker"]),
         ("events", f"{w['events']:,} usage_recorded, {w['accounts']:,} accounts, "
@@ -151,14 +142,7 @@ def _render(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    output: Path = args.output or args.workdir / "fold.json"
-    started = time.perf_counter()
-    with infrastructure(args.workdir, args.database_url, args.kafka_bootstrap) as infra:
-        result = asyncio.run(_bench(args, infra))
-    print("\n" + _render(result))
-    report.write_json(output, result)
-    print(f"\nwrote {output} ({time.perf_counter() - started:.0f}s in all)")
+    result = run(args, "bench.fold", lambda infra: _bench(args, infra), _render)
     if not all(c["ok"] for c in result["checks"]):
         return 1
     return 2 if args.fail_on_miss and not result["pass"] else 0

@@ -1,8 +1,5 @@
-"""A realistic history, stored exactly as ingest would store it (but with COPY, not Kafka).
-
-Events are built as the contract's typed `Event`s (data validated by the pydantic model of its
-type), folded and chained in chunks by the append path ingest uses (rejected ones are dropped,
-as ingest would quarantine them), and stored with the payload, hashes and `balance_delta`.
+"""A realistic history of typed `Event`s, folded and chained by ingest's append path and stored
+exactly as ingest stores it, but with COPY instead of through Kafka.
 """
 
 from __future__ import annotations
@@ -30,21 +27,6 @@ ROLES: Final = ("guest", "user", "admin")
 GROUPS: Final = ("default", "vip", "svip")
 
 
-def make_event(
-    type_: str, subject: str, data: dict[str, Any], event_id: str, time: datetime | None
-) -> Event:
-    """An event as ingest decodes it: the typed data and the raw JSON object."""
-    return Event(
-        id=event_id,
-        source="bench",
-        type=type_,
-        subject=subject,
-        time=time,
-        data=EVENT_TYPES[type_].model_validate(data),
-        raw_data=data,
-    )
-
-
 def random_events(count: int, accounts: int, seed: int = 7) -> Iterator[Event]:
     """`count` events: catalog first, then mostly usage/recharge over `accounts` accounts,
     with status, role, group, rate-limit, token and channel events mixed in."""
@@ -54,10 +36,12 @@ def random_events(count: int, accounts: int, seed: int = 7) -> Iterator[Event]:
     tokens: dict[str, list[str]] = {}
 
     def emit(type_: str, subject: str, data: dict[str, Any]) -> Event:
+        """An event as ingest decodes it: the typed data and the raw JSON object."""
         nonlocal produced
         produced += 1
-        stamp = start + timedelta(milliseconds=produced)
-        return make_event(type_, subject, data, f"evt-{seed}-{produced}", stamp)
+        return Event(id=f"evt-{seed}-{produced}", source="bench", type=type_, subject=subject,
+                     time=start + timedelta(milliseconds=produced),
+                     data=EVENT_TYPES[type_].model_validate(data), raw_data=data)  # fmt: skip
 
     catalog: list[tuple[str, dict[str, Any]]] = []
     for model in MODELS:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
@@ -19,7 +18,7 @@ import httpx
 
 from bench import report
 from bench.authorize.world import world_events
-from bench.infra import Infra, add_infra_arguments, infrastructure, say
+from bench.infra import REJECTED_SQL, Infra, arguments, run, say
 from bench.soak import results
 from bench.soak.load import CONNECTIONS, MIX, Load
 from services.contract.samples import recharge, token_issued
@@ -36,17 +35,14 @@ SELECT count(*), count(DISTINCT event_id) FROM event_store WHERE event_id = ANY(
 """
 
 Fault = tuple[str, float, Callable[[], Awaitable[None]]]
-
-
-def step(message: str) -> None:
-    say("bench.soak", message)
+step = functools.partial(say, "bench.soak")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.soak",
-        description="Mixed load at a fixed rate against 1 ledger + 2 policies, with a database "
-        "outage and a broker pause in the middle; memory, latency, events, recovery.",
+    parser = arguments(
+        "bench.soak",
+        "Mixed load at a fixed rate against 1 ledger + 2 policies, with a database outage and a"
+        " broker pause in the middle; memory, latency, events, recovery.",
     )
     option = parser.add_argument
     option("--duration", type=float, default=600.0, help="seconds of load (default 600)")
@@ -59,7 +55,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     option("--no-faults", action="store_true", help="load only")
     option("--sample-seconds", type=float, default=2.0, help="RSS sampling period")
     option("--drain-timeout", type=float, default=60.0, help="longest wait for the ledger")
-    add_infra_arguments(parser, result="soak.json")
     args = parser.parse_args(argv)
     if args.duration < 30 or args.rate <= 0 or args.accounts < 1:
         parser.error("--duration must be >= 30 s, --rate > 0 and --accounts >= 1")
@@ -74,9 +69,6 @@ def world(accounts: int) -> list[dict[str, Any]]:
         events.append(recharge(account, ACCOUNT_BALANCE))
         events.append(token_issued(account, f"tok-soak-{index:07d}", key))
     return events
-
-
-# --- faults and sampling -----------------------------------------------------------------------
 
 
 async def database_outage(database_url: str, seconds: float) -> None:
@@ -120,29 +112,15 @@ async def run_faults(load: Load, plan: Sequence[Fault]) -> list[dict[str, Any]]:
     return done
 
 
-def rss_kib(pid: int) -> int | None:
-    with (
-        contextlib.suppress(OSError, ValueError, IndexError),
-        open(f"/proc/{pid}/status", encoding="ascii") as status,
-    ):
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return None
-
-
 async def sample_rss(
     load: Load, pids: dict[str, int], every: float, out: list[results.RssSample]
 ) -> None:
     while True:
         for name, pid in pids.items():
-            kib = rss_kib(pid)
+            kib = report.proc_kib(f"/proc/{pid}/status", "VmRSS")
             if kib is not None:
                 out.append((load.now(), name, kib))
         await asyncio.sleep(every)
-
-
-# --- the run -----------------------------------------------------------------------------------
 
 
 async def events_outcome(conn: asyncpg.Connection, load: Load, timeout: float) -> dict[str, Any]:
@@ -159,11 +137,11 @@ async def events_outcome(conn: asyncpg.Connection, load: Load, timeout: float) -
         "lost": len(load.produced) - row[1], "doubled": row[0] - row[1],
         "unconfirmed": len(load.unconfirmed), "unconfirmed_applied": unconfirmed[1],
         "drain_s": time.monotonic() - started,
-        "rejected": await conn.fetchval("SELECT count(*) FROM rejected_events"),
+        "rejected": await conn.fetchval(REJECTED_SQL),
     }  # fmt: skip
 
 
-async def soak(args: argparse.Namespace, infra: Infra, workdir: Path) -> dict[str, Any]:
+async def soak(args: argparse.Namespace, infra: Infra) -> dict[str, Any]:
     warmup = min(60.0, args.duration / 10)
     interval = 60.0 if args.duration >= 300 else max(10.0, args.duration / 6)
     limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
@@ -175,7 +153,7 @@ async def soak(args: argparse.Namespace, infra: Infra, workdir: Path) -> dict[st
         admin_token=ADMIN_TOKEN, service_token=SERVICE_TOKEN,
         kafka_session_timeout_ms=SESSION_TIMEOUT_MS,
     )  # fmt: skip
-    logs = (workdir / "soak").resolve()
+    logs = (args.workdir / "soak").resolve()
     logs.mkdir(parents=True, exist_ok=True)
     for old in logs.glob("*.log"):  # the processes append; keep one run per log
         old.unlink()
@@ -223,7 +201,7 @@ async def soak(args: argparse.Namespace, infra: Infra, workdir: Path) -> dict[st
         conn = await asyncpg.connect(asyncpg_dsn(infra.database_url))
         try:
             events_result = await events_outcome(conn, load, args.drain_timeout)
-            version = await conn.fetchval("SHOW server_version")
+            result = await report.header("bench.soak", conn, infra)
         finally:
             await conn.close()
         step("/audit/verify")
@@ -233,9 +211,7 @@ async def soak(args: argparse.Namespace, infra: Infra, workdir: Path) -> dict[st
             verify = {"ok": None, "error": repr(exc)}
         exit_codes = {p.name: p.process.poll() for p in fleet.processes}
     lags = [r[3] for r in load.records if r[1] == "lag"] or [0.0]
-    result: dict[str, Any] = {
-        "benchmark": "bench.soak", "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": report.machine(version, infra.postgres_kind, infra.broker),
+    result |= {
         "settings": {
             "duration_s": args.duration, "rate": args.rate, "mix": MIX,
             "accounts": args.accounts, "hot_share": args.hot_share, "warmup_s": warmup,
@@ -260,12 +236,5 @@ async def soak(args: argparse.Namespace, infra: Infra, workdir: Path) -> dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    output: Path = args.output or args.workdir / "soak.json"
-    started = time.perf_counter()
-    bench = "bench.soak"
-    with infrastructure(args.workdir, args.database_url, args.kafka_bootstrap, bench=bench) as it:
-        result = asyncio.run(soak(args, it, args.workdir))
-    print(results.render(result))
-    report.write_json(output, result)
-    print(f"\nwrote {output} ({time.perf_counter() - started:.0f}s in all)")
+    result = run(args, "bench.soak", lambda infra: soak(args, infra), results.render)
     return 0 if all(t["met"] for t in result["targets"]) else 2

@@ -1,8 +1,6 @@
 """The soak's load: an open-loop mix of decisions, holds, settling usage, releases, recharges.
-
-Requests are started by the clock (request i at start + i / rate), never by a previous
-response, so a slow or stuck service meets the same offered load. A request's latency is
-measured from the moment it was due, so a late start (the driver lagging) counts against it.
+Request i starts at start + i / rate, whatever the answers before it; its latency counts from
+then, so a late start (the driver lagging) counts against it.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from services.contract.samples import cloud_event
 #: The operations and their default shares of the total rate (in percent).
 MIX: Final = {"check": 45, "hold": 25, "settle": 15, "release": 10, "recharge": 5}
 DECISIONS: Final = ("check", "hold")
-HOLD_COST: Final = 100
 RECHARGE: Final = 1_000
 #: A hold is settled or released once it is at least this old (a request takes some time).
 MIN_HOLD_AGE: Final = 2.0
@@ -140,7 +137,7 @@ class Load:
                 return
             else:
                 _, reservation_id, account = self.open.popleft()
-                amount = self.rng.randint(HOLD_COST // 2, HOLD_COST * 3 // 2)
+                amount = self.rng.randint(world.HOLD_COST // 2, world.HOLD_COST * 3 // 2)
                 data = {"amount": amount, "model": world.MODEL, "reservation_id": reservation_id}
                 await self._publish(due, kind, "quota.account.usage_recorded", account, data)
                 return
@@ -151,7 +148,7 @@ class Load:
         body = world.authorize_body(key)
         del body["request_id"]
         if kind == "hold":
-            body |= {"estimated_cost": HOLD_COST, "request_id": f"soak-{uuid.uuid4().hex}"}
+            body |= {"estimated_cost": world.HOLD_COST, "request_id": f"soak-{uuid.uuid4().hex}"}
         response = await self._post(due, kind, self._policy(), "/authorize", body)
         if kind == "hold" and response is not None and response.status_code == 200:
             reservation = response.json().get("reservation")

@@ -87,11 +87,10 @@ def _bucket(
 def recovery(
     records: Sequence[Record], faults: Sequence[dict[str, Any]], warmup: float, duration: float
 ) -> list[dict[str, Any]]:
-    """Per fault and decision kind: the pre-fault level, the highest p99 and error share of the
-    5-s buckets in the 30 s before the fault (after warm-up and after the previous fault's
-    recovery; only decisions answered before the fault began), and the seconds from the
-    fault's end to the start of the first 5-s bucket back at or below that level (None: not
-    before the next fault or the end of the load)."""
+    """Per fault and decision kind: the pre-fault level (the highest p99 and error share of the
+    5-s buckets of the 30 s before it, after warm-up and the previous recovery, of decisions
+    answered before it), and the seconds from its end to the first 5-s bucket back within that
+    level (None: not before the next fault or the end of the load)."""
     out: list[dict[str, Any]] = []
     settled = dict.fromkeys(DECISIONS, warmup)
     for number, fault in enumerate(faults):
@@ -124,37 +123,30 @@ def recovery(
     return out
 
 
-def _target(target: str, measured: str, met: bool) -> dict[str, Any]:
-    return {"target": target, "measured": measured, "met": met}
-
-
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target with what was measured and whether it was met (computed, never assumed)."""
-    rows = []
+    rows: list[tuple[str, str, bool]] = []
     for name in SERVICES:
         pct = result["rss"]["growth"].get(name, {}).get("growth_pct")
-        measured = "n/a" if pct is None else f"{pct:+.1f}%"
-        met = pct is not None and pct < RSS_GROWTH_TARGET
-        rows.append(
-            _target(f"{name} RSS growth after warm-up < {RSS_GROWTH_TARGET:g}%", measured, met)
-        )
-    e = result["events"]
-    measured = f"{e['lost']} lost, {e['doubled']} doubled of {e['produced']:,}"
-    met = e["produced"] > 0 and e["lost"] == 0 and e["doubled"] == 0
-    rows.append(_target("0 events lost, 0 doubled", measured, met))
+        rows.append((f"{name} RSS growth after warm-up < {RSS_GROWTH_TARGET:g}%",
+                     "n/a" if pct is None else f"{pct:+.1f}%",
+                     pct is not None and pct < RSS_GROWTH_TARGET))  # fmt: skip
+    e, verify = result["events"], result["verify"]
+    rows.append(("0 events lost, 0 doubled",
+                 f"{e['lost']} lost, {e['doubled']} doubled of {e['produced']:,}",
+                 e["produced"] > 0 and e["lost"] == 0 and e["doubled"] == 0))  # fmt: skip
     for entry in result["recovery"]:
         for kind in DECISIONS:
             seconds = entry[kind]["recovered_after_s"]
-            measured = _recovered(entry[kind])
-            met = seconds is not None and seconds <= RECOVERY_TARGET
-            rows.append(_target(f"{entry['fault']}: {kind} p99 back within 30 s", measured, met))
-    verify = result["verify"]
-    measured = f"ok={verify.get('ok')}, {verify.get('events_checked')} events"
-    rows.append(_target("/audit/verify ok at the end", measured, verify.get("ok") is True))
+            rows.append((f"{entry['fault']}: {kind} p99 back within 30 s", _recovered(entry[kind]),
+                         seconds is not None and seconds <= RECOVERY_TARGET))  # fmt: skip
+    rows.append(("/audit/verify ok at the end",
+                 f"ok={verify.get('ok')}, {verify.get('events_checked')} events",
+                 verify.get("ok") is True))  # fmt: skip
     dead = {n: c for n, c in result["exit_codes"].items() if c is not None}
-    measured = f"exited: {dead}" if dead else "all alive"
-    rows.append(_target("every service process alive to the end", measured, not dead))
-    return rows
+    rows.append(("every service process alive to the end",
+                 f"exited: {dead}" if dead else "all alive", not dead))  # fmt: skip
+    return [{"target": target, "measured": measured, "met": met} for target, measured, met in rows]
 
 
 def _recovered(entry: dict[str, Any]) -> str:

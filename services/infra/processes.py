@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -76,14 +77,17 @@ class QuotaProcesses:
         self.logs = logs
         self.processes: list[QuotaProcess] = []
 
-    def start(self, command: str, name: str, **overrides: Any) -> QuotaProcess:
-        """`quota <command>` as `name`, with `overrides` of the settings."""
+    def start(
+        self, command: str, name: str, *, program: Sequence[str] = (), **overrides: Any
+    ) -> QuotaProcess:
+        """`quota <command>` as `name`, with `overrides` of the settings; `program` replaces
+        `quota <command>` with another command line that takes `--host` and `--port`."""
         settings = self.settings.model_copy(update=overrides)
         port = free_port()
         log_path = self.logs / f"{name}.log"
         log = log_path.open("ab")
         process = subprocess.Popen(
-            [str(QUOTA), command, "--host", "127.0.0.1", "--port", str(port)],
+            [*(program or (str(QUOTA), command)), "--host", "127.0.0.1", "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

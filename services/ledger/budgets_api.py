@@ -5,7 +5,7 @@ An `APIRouter`; the ledger application includes it. The route needs the admin be
 only reads the `budgets` and `budget_spend` projections (and the account's row), in one
 read-only repeatable-read transaction, so every figure comes from the same snapshot:
 
-* the current period is the one holding the ledger's clock (`as_of`), in the budget's time
+* the current period is the one holding the ledger's clock, in the budget's time
   zone (`services.store.periods`): `period_start` and `resets_at` (its end); both null for a
   `total` budget, which never resets;
 * `spent` is the `budget_spend` row of that period (0 without one): the usage whose event time
@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, RootModel
 
 from services.contract.cloudevent import format_time
 from services.errors import ApiError
@@ -52,14 +52,8 @@ class BudgetInfo(BaseModel):
     position: int = Field(description="The ledger position of the event that last set it")
 
 
-class AccountBudgets(BaseModel):
-    account_id: str
-    as_of: str = Field(description="The ledger's clock: the current periods are the ones at it")
-    max_concurrent: int | None = Field(
-        description="The account's cap on active holds (`quota.account.limits_set`); null: none"
-    )
-    holds: int = Field(description="The account's active holds")
-    items: list[BudgetInfo]
+class AccountBudgets(RootModel[list[BudgetInfo]]):
+    """The account's budgets: a JSON array, account budgets first, then token budgets."""
 
 
 def budget_info(budget: Budget, start: datetime, spent: int, now: datetime) -> dict[str, Any]:
@@ -90,11 +84,11 @@ def budget_info(budget: Budget, start: datetime, spent: int, now: datetime) -> d
     response_model=None,
     responses=admin_read(AccountBudgets, NOT_FOUND),
 )
-async def account_budgets(account_id: str, ledger: LedgerDep) -> dict[str, Any]:
+async def account_budgets(account_id: str, ledger: LedgerDep) -> list[dict[str, Any]]:
     """Every budget of the account (account budgets first, then token budgets, by id), with the
     period holding the ledger's clock: `period_start`, `resets_at` (null for `total`), `spent`
-    in it, `held` and `remaining`. 404 for an account the ledger has never seen; an account
-    without budgets has no items."""
+    in it, `held` and `remaining`, as a JSON array. 404 for an account the ledger has never
+    seen; an account without budgets has an empty array."""
     now = datetime.now(UTC)
     async with (
         ledger.pool.acquire() as conn,
@@ -108,13 +102,7 @@ async def account_budgets(account_id: str, ledger: LedgerDep) -> dict[str, Any]:
         starts = [period_start(b.period, b.timezone, now) for b in budgets]
         keys = [(b.budget_id, start) for b, start in zip(budgets, starts, strict=True)]
         spend = await budget_store.load_spend(conn, keys) if keys else {}
-    return {
-        "account_id": account_id,
-        "as_of": format_time(now),
-        "max_concurrent": account.max_concurrent,
-        "holds": account.holds,
-        "items": [
-            budget_info(b, start, spend.get((b.budget_id, start), 0), now)
-            for b, start in zip(budgets, starts, strict=True)
-        ],
-    }
+    return [
+        budget_info(b, start, spend.get((b.budget_id, start), 0), now)
+        for b, start in zip(budgets, starts, strict=True)
+    ]

@@ -32,6 +32,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    RootModel,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -183,9 +184,8 @@ class KeyInfo(BaseModel):
     position: int = Field(description="The position of the token's last change")
 
 
-class AccountKeys(BaseModel):
-    account_id: str
-    items: list[KeyInfo]
+class AccountKeys(RootModel[list[KeyInfo]]):
+    """The account's keys: a JSON array, by `token_id`."""
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -345,30 +345,28 @@ async def revoke_key(token_id: str, ledger: LedgerDep) -> JSONResponse:
     response_model=None,
     responses=admin_read(AccountKeys, NOT_FOUND),
 )
-async def account_keys(account_id: str, ledger: LedgerDep) -> dict[str, Any]:
-    """Every token of the account, revoked ones included, by `token_id`: no key and no hash.
-    404 for an account the ledger has never seen; an account without keys has no items."""
+async def account_keys(account_id: str, ledger: LedgerDep) -> list[dict[str, Any]]:
+    """Every token of the account, revoked ones included, by `token_id`, as a JSON array: no
+    key and no hash. 404 for an account the ledger has never seen; an account without keys
+    has an empty array."""
     async with ledger.pool.acquire() as conn:
         tokens = await key_store.account_tokens(conn, account_id)
         if not tokens and not await key_store.account_exists(conn, account_id):
             raise ApiError(404, "unknown_account", f"unknown account {account_id}")
-    return {
-        "account_id": account_id,
-        "items": [
-            {
-                "token_id": token.token_id,
-                "key_last6": token.key_last6,
-                "expires_at": _time(token.expires_at),
-                "revoked": token.revoked,
-                "allowed_cidrs": token.allowed_cidrs,
-                "allowed_models": token.allowed_models,
-                "max_concurrent": token.max_concurrent,
-                "previous_valid_until": _time(token.previous_valid_until),
-                "position": token.position,
-            }
-            for token in tokens
-        ],
-    }
+    return [
+        {
+            "token_id": token.token_id,
+            "key_last6": token.key_last6,
+            "expires_at": _time(token.expires_at),
+            "revoked": token.revoked,
+            "allowed_cidrs": token.allowed_cidrs,
+            "allowed_models": token.allowed_models,
+            "max_concurrent": token.max_concurrent,
+            "previous_valid_until": _time(token.previous_valid_until),
+            "position": token.position,
+        }
+        for token in tokens
+    ]
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def _call(method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+def _call(method: str, path: str, body: dict[str, Any] | None) -> Any:
     """The ledger's JSON answer to the request; exits 1 on an error answer, 2 when the ledger
     cannot be asked."""
     import httpx
@@ -122,7 +122,7 @@ def _call(method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]
         answer = response.json()
     except ValueError:
         answer = None
-    if response.status_code >= 400 or not isinstance(answer, dict):
+    if response.status_code >= 400 or not isinstance(answer, dict | list):
         error = answer.get("error") if isinstance(answer, dict) else None
         if isinstance(error, dict):
             _fail(1, f"{response.status_code} {error.get('code')}: {error.get('message')}")
@@ -130,7 +130,7 @@ def _call(method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]
     return answer
 
 
-def _print(answer: dict[str, Any], *, shows_key: bool) -> None:
+def _print(answer: Any, *, shows_key: bool) -> None:
     typer.echo(json.dumps(answer, indent=2))
     if shows_key:
         print("The key is shown once: store it now; it cannot be shown again.", file=sys.stderr)

@@ -4,7 +4,7 @@ A hold is a `quota.reservation.held` event stored under the ledger head lock, th
 every ledger batch takes, and a hold larger than what is available (balance - active holds) is
 refused, by the fold's rule. So no interleaving of requests, on any number of policy replicas,
 nor of a ledger debit, can hold more than was there. Concurrent holds of one process are
-committed together (group commit): one statement, `quota_hold()` (migrations 0004-0006),
+committed together (group commit): one statement, `quota_hold()` (migration 0007),
 one transaction, one lock, many holds. Releases and expiries go through the Python fold.
 
 A request id is idempotent for the TTL: a hold whose `request_id` names a reservation of the

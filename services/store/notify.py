@@ -3,7 +3,7 @@
 Every writer sends one at commit (the ledger's batches, the policies' holds and expiries, the
 heartbeat), and every policy's snapshot store reads them. The payload is typed here once
 (`Notification`), with the account row's fields (`ACCOUNT_ROW_FIELDS`) and the limits that
-keep it under PostgreSQL's 8000 bytes; the hold function (migrations 0004-0006) builds the same
+keep it under PostgreSQL's 8000 bytes; the hold function (migration 0007) builds the same
 payload in SQL.
 """
 

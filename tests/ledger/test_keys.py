@@ -246,7 +246,7 @@ async def test_a_custom_prefix_expiry_and_restrictions(stack: Stack) -> None:
     assert RANDOM_PART.fullmatch(bare["key"])
     assert_allowed(await decide(stack, bare["key"], bare["position"]), bare["token_id"])
     listing = (await stack.client.get(f"/accounts/{ACCOUNT}/keys")).json()
-    [item] = [i for i in listing["items"] if i["token_id"] == issued["token_id"]]
+    [item] = [i for i in listing if i["token_id"] == issued["token_id"]]
     assert item["allowed_models"] == [MODEL]
     assert item["allowed_cidrs"] == ["203.0.113.0/24", "2001:db8::1/128"]
     assert item["max_concurrent"] == 3
@@ -274,7 +274,7 @@ async def test_rotation_keeps_the_previous_key_for_its_grace_then_only_the_new_o
     assert_invalid(await decide(stack, old, rotated["position"]))
     assert_allowed(await decide(stack, new, rotated["position"]), issued["token_id"])
     listing = (await stack.client.get(f"/accounts/{ACCOUNT}/keys")).json()
-    [item] = [i for i in listing["items"] if i["token_id"] == issued["token_id"]]
+    [item] = [i for i in listing if i["token_id"] == issued["token_id"]]
     assert item["key_last6"] == new[-6:]
     assert item["previous_valid_until"] == rotated["previous_valid_until"]
 
@@ -321,11 +321,10 @@ async def test_an_accounts_keys_are_listed_without_secrets(stack: Stack) -> None
     response = await stack.client.get(f"/accounts/{account}/keys")
     assert response.status_code == 200, response.text
     listing = response.json()
-    assert listing["account_id"] == account
-    by_id = {item["token_id"]: item for item in listing["items"]}
+    by_id = {item["token_id"]: item for item in listing}
     assert set(by_id) == {first["token_id"], second["token_id"]}
-    assert [item["token_id"] for item in listing["items"]] == sorted(by_id)
-    for item in listing["items"]:
+    assert [item["token_id"] for item in listing] == sorted(by_id)
+    for item in listing:
         assert set(item) == {"token_id", "key_last6", "expires_at", "revoked", "allowed_cidrs",
                              "allowed_models", "max_concurrent", "previous_valid_until",
                              "position"}  # fmt: skip
@@ -339,7 +338,7 @@ async def test_an_accounts_keys_are_listed_without_secrets(stack: Stack) -> None
         assert key[:-6] not in response.text
         assert hashlib.sha256(key.encode()).hexdigest() not in response.text
     keyless = await stack.client.get(f"/accounts/{KEYLESS}/keys")
-    assert keyless.status_code == 200 and keyless.json() == {"account_id": KEYLESS, "items": []}
+    assert keyless.status_code == 200 and keyless.json() == []
     assert_error(await stack.client.get("/accounts/acct_never_seen/keys"), 404, "unknown_account")
 
 
@@ -372,7 +371,7 @@ BAD_ISSUES: Final[list[tuple[Any, str]]] = [
 
 
 async def test_bad_input_gets_a_4xx_in_the_one_error_shape(stack: Stack) -> None:
-    before = (await stack.client.get(f"/accounts/{ACCOUNT}/keys")).json()["items"]
+    before = (await stack.client.get(f"/accounts/{ACCOUNT}/keys")).json()
     for body, mentions in BAD_ISSUES:
         response = await stack.client.post("/keys", json=body)
         assert_error(response, 422, "invalid_request")
@@ -400,7 +399,7 @@ async def test_bad_input_gets_a_4xx_in_the_one_error_shape(stack: Stack) -> None
         response = await stack.client.post(f"/keys/{issued['token_id']}/rotate", json=body)
         assert_error(response, 422, "invalid_request")
     # Nothing of the above issued or rotated a key.
-    after = (await stack.client.get(f"/accounts/{ACCOUNT}/keys")).json()["items"]
+    after = (await stack.client.get(f"/accounts/{ACCOUNT}/keys")).json()
     assert len(after) == len(before) + 1
     [item] = [i for i in after if i["token_id"] == issued["token_id"]]
     assert item["key_last6"] == issued["key_last6"] and item["previous_valid_until"] is None
@@ -456,7 +455,7 @@ async def test_the_cli_issues_rotates_and_revokes(stack: Stack) -> None:
     assert_allowed(await decide(stack, new["key"], new["position"]), answer["token_id"])
     listed = await asyncio.to_thread(run_in_process, stack, "list", ACCOUNT)
     assert listed.exit_code == 0, listed.stderr
-    [item] = [i for i in json.loads(listed.stdout)["items"] if i["token_id"] == answer["token_id"]]
+    [item] = [i for i in json.loads(listed.stdout) if i["token_id"] == answer["token_id"]]
     assert item["max_concurrent"] == 2 and new["key"] not in listed.stdout
     revoked = await asyncio.to_thread(run_in_process, stack, "revoke", answer["token_id"])
     assert revoked.exit_code == 0, revoked.stderr
@@ -497,7 +496,7 @@ async def test_a_refused_event_is_409_and_an_unapplied_one_503(
     assert 0.5 <= waited < 5
     [detail] = timeout.json()["error"]["details"]
     assert detail["token_id"].startswith("tok_") and "key" not in detail
-    listing = (await stack.client.get(f"/accounts/{ACCOUNT}/keys")).json()["items"]
+    listing = (await stack.client.get(f"/accounts/{ACCOUNT}/keys")).json()
     assert detail["token_id"] not in {item["token_id"] for item in listing}
 
 

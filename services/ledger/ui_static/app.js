@@ -372,16 +372,11 @@ function budgetBar(budget) {
   return svg;
 }
 
-function renderBudgets(body) {
-  const cap = body.max_concurrent === null || body.max_concurrent === undefined
-    ? "no cap on concurrent holds"
-    : `at most ${number.format(body.max_concurrent)} at once`;
-  $("concurrency").textContent = `Active holds: ${number.format(body.holds)} (${cap}).`;
+function renderBudgets(budgets) {
   const list = $("budgets");
   list.replaceChildren();
-  list.dataset.asOf = body.as_of;
-  if (body.items.length === 0) list.appendChild(node("li", "No budgets.", "none"));
-  for (const budget of body.items) {
+  if (budgets.length === 0) list.appendChild(node("li", "No budgets.", "none"));
+  for (const budget of budgets) {
     const item = node("li", undefined, "budget");
     item.dataset.budget = budget.budget_id;
     const head = node("div", undefined, "budget-head");
@@ -418,7 +413,7 @@ function renderBudgets(body) {
 async function loadKeys(seq) {
   const body = await api(`/accounts/${encodeURIComponent(state.account)}/keys`);
   if (seq !== state.accountSeq) return;
-  renderKeys(body.items);
+  renderKeys(body);
 }
 
 function keyState(key, now) {
