@@ -151,6 +151,16 @@ def resets_at(budget: Budget, now: datetime) -> str | None:
     return text
 
 
+def snapshot_figures(
+    snapshot: Snapshot, account_id: str, token_id: str, model: str | None, now: datetime
+) -> tuple[BudgetFigure, ...]:
+    """The snapshot's figures of the budgets covering a request by `token_id` for `model`."""
+    return tuple(
+        budget_figure(b, snapshot.spent(b, now), b.held, now)
+        for b in snapshot.budgets_covering(account_id, token_id, model)
+    )
+
+
 def budget_figure(budget: Budget, spent: int, held: int, now: datetime) -> BudgetFigure:
     return BudgetFigure(
         budget.budget_id, budget.scope, budget.period, budget.amount, spent, held,
@@ -440,7 +450,10 @@ def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Deci
 
     # 13a-13b. Every budget that covers the request has room for it (13c, the concurrency
     # caps, only the hold can tell: it counts the active holds).
+    # A hold answers with the figures the hold function saw, so only a decision that holds
+    # nothing shows the snapshot's.
     figures: list[BudgetFigure] = []
+    shown = cost is None or request.dry_run
     for budget in snapshot.budgets_covering(account.account_id, token.token_id, model):
         spent = snapshot.spent(budget, now)
         if checked_here and (
@@ -449,7 +462,8 @@ def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Deci
             else spent + budget.held >= budget.amount
         ):
             return budget_denied(budget, position, last6, now)
-        figures.append(budget_figure(budget, spent, budget.held, now))
+        if shown:
+            figures.append(budget_figure(budget, spent, budget.held, now))
 
     # 14. The account's rate limit for the model: named here, counted by the service.
     limit = snapshot.rate_limit_for(account.account_id, model)

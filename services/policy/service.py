@@ -28,6 +28,7 @@ from services.policy.decision import (
     decide,
     deny,
     rate_limited,
+    snapshot_figures,
 )
 from services.policy.decision import refusal as _refusal
 from services.policy.errors import INSUFFICIENT_USER_QUOTA
@@ -216,7 +217,7 @@ class Policy:
             if held.reservation is None:
                 decision = _hold_refused(request, held, snapshot.position, now)
             else:
-                decision = _with_reservation(decision, held, now)
+                decision = _with_reservation(decision, held, now, snapshot, request.model)
         if (
             decision.allowed
             and decision.rate_limit is not None
@@ -269,7 +270,9 @@ def _hold_refused(
     return deny(INSUFFICIENT_USER_QUOTA, position, key_last6=last6)
 
 
-def _with_reservation(decision: Decision, held: HoldOutcome, now: datetime) -> Decision:
+def _with_reservation(
+    decision: Decision, held: HoldOutcome, now: datetime, snapshot: Snapshot, model: str | None
+) -> Decision:
     reservation = held.reservation
     grant = decision.grant
     assert reservation is not None and grant is not None
@@ -279,15 +282,19 @@ def _with_reservation(decision: Decision, held: HoldOutcome, now: datetime) -> D
         format_time(reservation.expires_at),
         reservation.state,
     )
-    figures = tuple(
-        budget_figure(state.budget, state.spent, state.budget.held, now) for state in held.budgets
-    )
+    if held.repeated:  # the hold function weighs no budget for a repeat: the snapshot's
+        figures = snapshot_figures(snapshot, grant.account_id, grant.token_id, model, now)
+    else:
+        figures = tuple(
+            budget_figure(state.budget, state.spent, state.budget.held, now)
+            for state in held.budgets
+        )
     grant = replace(
         grant,
         balance=held.balance,
         available=held.balance - held.held,
         reservation=hold,
-        budgets=figures if not held.repeated else grant.budgets,
+        budgets=figures,
     )
     position = max(decision.position, reservation.held_position)
     return replace(decision, grant=grant, position=position)
