@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from services.contract.events import ROLE_RANK
+from services.store.budget_rules import budget_spent
 from services.store.model import (
     Account,
     Budget,
@@ -21,7 +22,6 @@ from services.store.model import (
     State,
     Token,
 )
-from services.store.periods import period_start
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -114,7 +114,6 @@ def _token_indexes(state: State) -> dict[str, Any]:
 
 def _budget_views(state: State) -> dict[str, Any]:
     return {
-        "budgets": _freeze(state.budgets),
         "budgets_by_account": _freeze(state.budgets_by_account),
         "budget_spend": _freeze(state.budget_spend),
     }
@@ -157,9 +156,8 @@ class Snapshot:
     serving: Mapping[tuple[str, str], tuple[int, ...]]
     #: token_id -> the parsed networks of its `allowed_cidrs`.
     networks: Mapping[str, tuple[Network, ...]] = field(default_factory=lambda: _freeze({}))
-    #: Live views, like `accounts`: budget_id -> budget, account_id -> its budgets in order,
+    #: Live views, like `accounts`: account_id -> its budgets in check order, and
     #: (budget_id, period start) -> spend (recent periods only).
-    budgets: Mapping[str, Budget] = field(default_factory=lambda: _freeze({}))
     budgets_by_account: Mapping[str, tuple[Budget, ...]] = field(
         default_factory=lambda: _freeze({})
     )
@@ -210,8 +208,7 @@ class Snapshot:
 
     def spent(self, budget: Budget, now: datetime) -> int:
         """What `budget` has spent in its period holding `now`."""
-        start = period_start(budget.period, budget.timezone, now)
-        return self.budget_spend.get((budget.budget_id, start), 0)
+        return budget_spent(self.budget_spend, budget, now)
 
     def rate_limit_for(self, account_id: str, model: str) -> RateLimit | None:
         """The account's limit for the model, else its `*` limit; one that caps requests,

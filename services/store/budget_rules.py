@@ -4,6 +4,7 @@ and how a budget set mid-period counts the period's earlier usage. Pure, like th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
 from typing import Final, cast
@@ -46,17 +47,16 @@ def hold_refusal(
             f"insufficient available quota on {account.account_id}: "
             f"{available} available, {amount} asked"
         )
-    budgets = [b for b in state.account_budgets(account.account_id) if b.covers(token_id, model)]
-    for scope in (ACCOUNT_SCOPE, TOKEN_SCOPE):
-        for budget in budgets:
-            if budget.scope != scope:
-                continue
-            spent = budget_spent(state, budget, now)
-            if spent + budget.held + amount > budget.amount:
-                return BUDGET_REFUSALS[scope], (
-                    f"{scope} budget {budget.budget_id} exceeded: {spent} spent, "
-                    f"{budget.held} held, {amount} asked of {budget.amount}"
-                )
+    # `account_budgets` come account budgets first, each scope by id: 13a, then 13b.
+    for budget in state.account_budgets(account.account_id):
+        if not budget.covers(token_id, model):
+            continue
+        spent = budget_spent(state.budget_spend, budget, now)
+        if spent + budget.held + amount > budget.amount:
+            return BUDGET_REFUSALS[budget.scope], (
+                f"{budget.scope} budget {budget.budget_id} exceeded: {spent} spent, "
+                f"{budget.held} held, {amount} asked of {budget.amount}"
+            )
     if account.max_concurrent is not None and account.holds >= account.max_concurrent:
         return CONCURRENCY_LIMITED, (
             f"{account.account_id} has {account.holds} of {account.max_concurrent} holds"
@@ -72,12 +72,15 @@ def hold_refusal(
     return None
 
 
-def budget_spent(state: State, budget: Budget, now: datetime | None) -> int:
-    """The usage counted toward `budget` in its period holding `now`."""
+def budget_spent(
+    spend: Mapping[tuple[str, datetime], int], budget: Budget, now: datetime | None
+) -> int:
+    """The usage counted toward `budget` in its period holding `now` (`spend`: a state's, or
+    a snapshot's, `budget_spend`)."""
     if now is None:
         return 0
     start = period_start(budget.period, budget.timezone, now)
-    return state.budget_spend.get((budget.budget_id, start), 0)
+    return spend.get((budget.budget_id, start), 0)
 
 
 def budgets_hold(
@@ -155,10 +158,12 @@ def set_budget(
         amount=data.amount,
         period=data.period,
         timezone=data.timezone,
-        held=sum(r.amount for r in state.active_reservations(account.account_id)
-                 if _covers(data, r.token_id, r.model)),
+        held=0,
         position=position,
-    )  # fmt: skip
+    )
+    covered = state.active_reservations(account.account_id)
+    held = sum(r.amount for r in covered if budget.covers(r.token_id, r.model))
+    budget = replace(budget, held=held)
     state.put_budget(budget)
     changes.budgets.add(budget.budget_id)
     changes.budget_accounts.add(account.account_id)
@@ -171,9 +176,3 @@ def set_budget(
             key = (budget.budget_id, period_start(budget.period, budget.timezone, at))
             state.budget_spend[key] = state.budget_spend.get(key, 0) + amount
             changes.budget_spend.add(key)
-
-
-def _covers(data: ev.BudgetSet, token_id: str | None, model: str | None) -> bool:
-    if data.token_id is not None and token_id != data.token_id:
-        return False
-    return data.model is None or model == data.model
