@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import os
 import re
+import statistics
 import sys
 import time
 import uuid
@@ -48,6 +49,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     option = parser.add_argument
     option("--duration", type=int, default=10, help="whole seconds per wrk scenario")
     option("--warmup", type=int, default=2, help="unmeasured wrk seconds before each (0: none)")
+    option(
+        "--rounds",
+        type=int,
+        default=2,
+        help="runs of the scenario list, in turn forward and backward, merged per scenario "
+        "(so a machine whose speed drifts during the run weighs every scenario alike)",
+    )
     option("--connections", type=int, default=32, help="wrk connections")
     option("--threads", type=int, default=2, help="wrk threads")
     option("--accounts", type=int, default=10_000, help="filler accounts (each with a token)")
@@ -171,6 +179,7 @@ async def run_scenario(
         "bodies": len(scenario.bodies), **dataclasses.asdict(result),
         "responses_2xx": result.requests - result.non_2xx_3xx, "decisions_counted": delta,
         "holds_per_commit": round(holds / commits, 2) if commits else None,
+        "commits": commits, "holds": holds,
         # Little's law: with N connections each waiting for its answer, mean latency = N / rate.
         "littles_law_mean_ms": round(scenario.connections / rps * 1000, 3) if rps else None,
     }  # fmt: skip
@@ -178,6 +187,33 @@ async def run_scenario(
     step(f"{scenario.name}: {rps:,.0f} req/s, p50 {latency['p50']:.2f} ms, "
          f"p99 {latency['p99']:.2f} ms")  # fmt: skip
     return row, checks
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One scenario's rounds as one row: requests and time summed (so the rate is over all of
+    them), counts summed, each latency percentile the mean of the rounds'; `rounds_rps` keeps
+    each round's rate."""
+    first, seconds = rounds[0], sum(r["seconds"] for r in rounds)
+    requests = sum(r["requests"] for r in rounds)
+    commits, holds = sum(r["commits"] for r in rounds), sum(r["holds"] for r in rounds)
+    counted: dict[str, float] = {}
+    for r in rounds:
+        for reason, n in r["decisions_counted"].items():
+            counted[reason] = counted.get(reason, 0.0) + n
+    rps = requests / seconds if seconds else 0.0
+    return first | {
+        "requests": requests, "seconds": seconds, "requests_per_second": rps,
+        "rounds_rps": [round(r["requests_per_second"], 1) for r in rounds],
+        "latency_ms": {p: statistics.fmean(r["latency_ms"][p] for r in rounds)
+                       for p in first["latency_ms"]},
+        "non_2xx_3xx": sum(r["non_2xx_3xx"] for r in rounds),
+        "socket_errors": {k: sum(r["socket_errors"][k] for r in rounds)
+                          for k in first["socket_errors"]},
+        "responses_2xx": sum(r["responses_2xx"] for r in rounds),
+        "decisions_counted": counted, "commits": commits, "holds": holds,
+        "holds_per_commit": round(holds / commits, 2) if commits else None,
+        "littles_law_mean_ms": round(first["connections"] / rps * 1000, 3) if rps else None,
+    }  # fmt: skip
 
 
 OVERDRAWN_SQL: Final = "SELECT account_id FROM accounts WHERE held > balance OR held < 0"
@@ -302,16 +338,20 @@ async def _bench(args: argparse.Namespace, infra: Infra, binary: str) -> dict[st
                 server_process(settings, args.workdir, args.pool_size) as url,
                 httpx.AsyncClient(base_url=url, timeout=30) as client,
             ):
-                rows: list[dict[str, Any]] = []
+                runs: dict[str, list[dict[str, Any]]] = {}
                 checks: list[Check] = []
-                for scenario in scenarios(args):
-                    # Each scenario starts on a quiet database: the writes of the one before
-                    # (a hold run's) are flushed now, not by a checkpoint during this one.
-                    await conn.execute("CHECKPOINT")
-                    step(f"{scenario.name}: {scenario.label}, {args.duration}s")
-                    row, found = await run_scenario(args, binary, client, scenario)
-                    rows.append(row)
-                    checks += found
+                planned = scenarios(args)
+                for round_ in range(args.rounds):
+                    for scenario in planned if round_ % 2 == 0 else planned[::-1]:
+                        # Each scenario starts on a quiet database: the writes of the one
+                        # before (a hold run's) are flushed now, not by a checkpoint during it.
+                        await conn.execute("CHECKPOINT")
+                        step(f"{scenario.name}: {scenario.label}, {args.duration}s, "
+                             f"round {round_ + 1} of {args.rounds}")  # fmt: skip
+                        row, found = await run_scenario(args, binary, client, scenario)
+                        runs.setdefault(scenario.name, []).append(row)
+                        checks += found
+                rows = [merge_rounds(runs[scenario.name]) for scenario in planned]
                 step(f"freshness: {args.fresh_events:,} recharges, one at a time")
                 head = (await read_head(conn)).position
                 freshness = await measure_freshness(
@@ -320,7 +360,10 @@ async def _bench(args: argparse.Namespace, infra: Infra, binary: str) -> dict[st
             step("no overdraft: holds against balances, the reservations table, verify")
             holding = [row for row in rows if row["name"] in ("reserve", "reserve_budgeted")]
             answered = (
-                (sum(r["responses_2xx"] for r in holding), sum(r["connections"] for r in holding))
+                (
+                    sum(r["responses_2xx"] for r in holding),
+                    sum(r["connections"] * len(r["rounds_rps"]) for r in holding),
+                )
                 if len(holding) == 2
                 else None
             )
@@ -339,6 +382,7 @@ async def _bench(args: argparse.Namespace, infra: Infra, binary: str) -> dict[st
     return result | {
         "settings": {
             "duration_seconds": args.duration, "warmup_seconds": args.warmup,
+            "rounds": args.rounds,
             "connections": args.connections, "threads": args.threads, "uvicorn_workers": 1,
             "access_log": os.environ.get("QUOTA_ACCESS_LOG", "false"),
             "baseline_pool_size": args.pool_size,
@@ -385,14 +429,16 @@ def _render(result: dict[str, Any]) -> str:
         ("python / uvicorn / wrk", f"{m['python']} / uvicorn {m['uvicorn']} / {m['wrk']}"),
         ("postgresql / broker", f"{m['postgresql']} / {m['broker']}"),
         ("load", f"wrk -t{s['threads']} -c{s['connections']} -d{s['duration_seconds']}s "
-                 f"(+{s['warmup_seconds']}s warmup), 1 uvicorn worker, "
+                 f"(+{s['warmup_seconds']}s warmup) x {s['rounds']} rounds (order alternating), "
+                 "1 uvicorn worker, "
                  f"QUOTA_ACCESS_LOG={s['access_log']}"),
         ("world", f"{s['world_events']:,} events through Kafka and the ledger"),
         ("ledger fetch wait", f"kafka_fetch_max_wait_ms={s['kafka_fetch_max_wait_ms']}"),
     ], "bench.authorize")]  # fmt: skip
-    header = ["scenario", "conns", "req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
-              "holds/commit"]  # fmt: skip
+    header = ["scenario", "conns", "req/s", "rounds' req/s", "p50 ms", "p90 ms", "p99 ms",
+              "p99.9 ms", "holds/commit"]  # fmt: skip
     rows = [[row["label"], str(row["connections"]), f"{row['requests_per_second']:,.0f}",
+             " ".join(f"{r:,.0f}" for r in row["rounds_rps"]),
              *(report.ms(row["latency_ms"].get(p)) for p in ("p50", "p90", "p99", "p99.9")),
              str(row["holds_per_commit"] or "")] for row in result["scenarios"]]  # fmt: skip
     parts.append(report.grid(header, rows, "HTTP scenarios (latency from wrk --latency)"))

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from services.contract.cloudevent import format_time
+from services.policy.budget_view import BudgetFigure
 from services.policy.errors import (
     ACCOUNT_SUSPENDED,
     BUDGET_EXCEEDED,
@@ -87,12 +87,10 @@ from services.store.model import (
     ACTIVE,
     TOKEN_SCOPE,
     Account,
-    Budget,
     Channel,
     RateLimit,
     Token,
 )
-from services.store.periods import period_end
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,67 +103,12 @@ class Hold:
     state: str
 
 
-@dataclass(frozen=True, slots=True)
-class BudgetFigure:
-    """A budget that covered an allowed decision, as the answer shows it."""
-
-    budget_id: str
-    scope: str
-    period: str
-    amount: int
-    spent: int
-    held: int
-    resets_at: str | None
-
-    @property
-    def remaining(self) -> int:
-        return max(self.amount - self.spent - self.held, 0)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "budget_id": self.budget_id,
-            "scope": self.scope,
-            "period": self.period,
-            "amount": self.amount,
-            "spent": self.spent,
-            "held": self.held,
-            "remaining": self.remaining,
-            "resets_at": self.resets_at,
-        }
-
-
-#: A period's end as RFC 3339 text, by the instant: every decision in a period shows it.
-_END_TEXT: dict[datetime, str] = {}
-
-
-def resets_at(budget: Budget, now: datetime) -> str | None:
-    """When the period of `budget` holding `now` ends, as text (None for `total`)."""
-    ends = period_end(budget.period, budget.timezone, now)
-    if ends is None:
-        return None
-    text = _END_TEXT.get(ends)
-    if text is None:
-        if len(_END_TEXT) > 1024:
-            _END_TEXT.clear()
-        text = _END_TEXT[ends] = format_time(ends)
-    return text
-
-
 def snapshot_figures(
     snapshot: Snapshot, account_id: str, token_id: str, model: str | None, now: datetime
 ) -> tuple[BudgetFigure, ...]:
     """The snapshot's figures of the budgets covering a request by `token_id` for `model`."""
-    return tuple(
-        budget_figure(b, snapshot.spent(b, now), b.held, now)
-        for b in snapshot.budgets_covering(account_id, token_id, model)
-    )
-
-
-def budget_figure(budget: Budget, spent: int, held: int, now: datetime) -> BudgetFigure:
-    return BudgetFigure(
-        budget.budget_id, budget.scope, budget.period, budget.amount, spent, held,
-        resets_at(budget, now),
-    )  # fmt: skip
+    coverage = snapshot.coverage(account_id, token_id, model, now)
+    return () if coverage is None else coverage.figures
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +194,7 @@ class Decision:
                     "expires_at": hold.expires_at,
                     "state": hold.state,
                 },
-                "budgets": [figure.as_json() for figure in grant.budgets],
+                "budgets": [figure.json for figure in grant.budgets],
                 "position": self.position,
             }
         assert denial is not None
@@ -291,13 +234,13 @@ def deny(
     return Decision(spec.status, position, None, denial, retry_after, rate_limit_key, rate_limit)
 
 
-def budget_denied(budget: Budget, position: int, key_last6: str, now: datetime) -> Decision:
+def budget_denied(budget: BudgetFigure, position: int, key_last6: str) -> Decision:
     """Check 13a (an account budget) or 13b (a token budget): used up until `reset_at`."""
     reason = TOKEN_BUDGET_EXCEEDED if budget.scope == TOKEN_SCOPE else BUDGET_EXCEEDED
     spec = SPECS[reason]
     denial = Denial(
         reason, spec.render(key_last6, period=budget.period), spec.type, spec.code,
-        (("reset_at", resets_at(budget, now)),),
+        (("reset_at", budget.resets_at),),
     )  # fmt: skip
     return Decision(spec.status, position, None, denial)
 
@@ -452,18 +395,15 @@ def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Deci
     # caps, only the hold can tell: it counts the active holds).
     # A hold answers with the figures the hold function saw, so only a decision that holds
     # nothing shows the snapshot's.
-    figures: list[BudgetFigure] = []
-    shown = cost is None or request.dry_run
-    for budget in snapshot.budgets_covering(account.account_id, token.token_id, model):
-        spent = snapshot.spent(budget, now)
-        if checked_here and (
-            spent + budget.held + cost > budget.amount
-            if cost is not None
-            else spent + budget.held >= budget.amount
-        ):
-            return budget_denied(budget, position, last6, now)
-        if shown:
-            figures.append(budget_figure(budget, spent, budget.held, now))
+    figures: tuple[BudgetFigure, ...] = ()
+    coverage = snapshot.coverage(account.account_id, token.token_id, model, now)
+    if coverage is not None:
+        if checked_here:
+            refused = coverage.refusal(cost)
+            if refused is not None:
+                return budget_denied(refused, position, last6)
+        if cost is None or request.dry_run:
+            figures = coverage.figures
 
     # 14. The account's rate limit for the model: named here, counted by the service.
     limit = snapshot.rate_limit_for(account.account_id, model)
@@ -477,6 +417,6 @@ def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Deci
         account.balance,
         available,
         tuple(sorted(c.channel_id for c in free)),
-        budgets=tuple(figures),
+        budgets=figures,
     )
     return Decision(200, position, grant, None, None, counter, limit)

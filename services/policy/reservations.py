@@ -4,7 +4,7 @@ A hold is a `quota.reservation.held` event stored under the ledger head lock, th
 every ledger batch takes, and a hold larger than what is available (balance - active holds) is
 refused, by the fold's rule. So no interleaving of requests, on any number of policy replicas,
 nor of a ledger debit, can hold more than was there. Concurrent holds of one process are
-committed together (group commit): one statement, `quota_hold()` (migration 0007),
+committed together (group commit): one statement, `quota_hold()` (migrations 0007, 0008),
 one transaction, one lock, many holds. Releases and expiries go through the Python fold.
 
 A request id is idempotent for the TTL: a hold whose `request_id` names a reservation of the
@@ -33,10 +33,11 @@ from prometheus_client import Histogram
 from services.contract import events as ev
 from services.contract.cloudevent import canonical_json, event_content
 from services.contract.events import Event
+from services.policy.budget_view import BudgetFigure, resets_at
 from services.store import event_store, reservation_store
 from services.store.append import append_local
 from services.store.chain import payload_hash
-from services.store.model import HELD, TOKEN_SCOPE, Budget, Reservation
+from services.store.model import HELD, Reservation
 from services.supervise import DATABASE_ERRORS, LoopHealth
 
 log = structlog.get_logger("quota.policy.reservations")
@@ -61,14 +62,6 @@ HOLD_COMMIT = Histogram(
 
 
 @dataclass(frozen=True, slots=True)
-class BudgetState:
-    """A budget's figures as the hold saw them (after a hold: with it)."""
-
-    budget: Budget
-    spent: int
-
-
-@dataclass(frozen=True, slots=True)
 class HoldOutcome:
     """A held (or, for a repeated request id, the existing) reservation, or why not
     (`refusal`, one of the outcomes above, with `reason` in words); with the account's balance
@@ -82,24 +75,23 @@ class HoldOutcome:
     reason: str | None = None
     repeated: bool = False
     refusal: str | None = None
-    budgets: tuple[BudgetState, ...] = ()
+    budgets: tuple[BudgetFigure, ...] = ()
 
 
-def _budget_states(request: _HoldRequest, raw: str | None) -> tuple[BudgetState, ...]:
-    """The hold function's `budgets`: the figures of the budgets it weighed, as JSON text of
-    [budget_id, scope, period, timezone, amount, spent, held] arrays."""
+def _budget_figures(raw: str | None, now: datetime) -> tuple[BudgetFigure, ...]:
+    """The hold function's `budgets`: the figures of the budgets it weighed (after a hold:
+    with it), as JSON text of [budget_id, scope, period, timezone, amount, spent, held]
+    arrays; `now` is the instant the hold was decided at."""
     if not raw:
         return ()
-    states = []
-    for budget_id, scope, period, timezone, amount, spent, held in orjson.loads(raw):
-        token_id = request.token_id if scope == TOKEN_SCOPE else None
-        budget = Budget(budget_id, request.account_id, scope, token_id, None, amount, period,
-                        timezone, held, 0)  # fmt: skip
-        states.append(BudgetState(budget, spent))
-    return tuple(states)
+    return tuple(
+        BudgetFigure(budget_id, scope, period, timezone, amount, spent, held,
+                     resets_at(period, timezone, now))
+        for budget_id, scope, period, timezone, amount, spent, held in orjson.loads(raw)
+    )  # fmt: skip
 
 
-def _outcome(request: _HoldRequest, row: asyncpg.Record) -> HoldOutcome:
+def _outcome(request: _HoldRequest, row: asyncpg.Record, now: datetime) -> HoldOutcome:
     outcome = row["outcome"]
     if outcome not in ("held", "repeated"):
         available = (row["balance"] or 0) - (row["held"] or 0)
@@ -108,7 +100,7 @@ def _outcome(request: _HoldRequest, row: asyncpg.Record) -> HoldOutcome:
             reason=f"{outcome} on {request.account_id}: {available} available, "
             f"{request.amount} asked, budget {row['budget_id']}",
             refusal=outcome,
-            budgets=_budget_states(request, row["budgets"]),
+            budgets=_budget_figures(row["budgets"], now),
         )
     reservation = Reservation(
         reservation_id=row["reservation_id"],
@@ -124,7 +116,7 @@ def _outcome(request: _HoldRequest, row: asyncpg.Record) -> HoldOutcome:
         row["balance"],
         row["held"],
         repeated=outcome == "repeated",
-        budgets=_budget_states(request, row["budgets"]),
+        budgets=_budget_figures(row["budgets"], now),
     )
 
 
@@ -290,7 +282,7 @@ class Reservations:
                 await self.pool.release(conn)
             raise
         self._idle.append(conn)
-        return [_outcome(request, row) for request, row in zip(batch, rows, strict=True)]
+        return [_outcome(request, row, now) for request, row in zip(batch, rows, strict=True)]
 
     async def _connection(self) -> asyncpg.Connection:
         """A kept connection that is still open, else one from the pool. A connection the

@@ -23,7 +23,6 @@ from services.policy.decision import (
     Decision,
     Hold,
     budget_denied,
-    budget_figure,
     concurrency_limited,
     decide,
     deny,
@@ -266,7 +265,7 @@ def _hold_refused(
     if held.refusal == CONCURRENCY_LIMITED:
         return concurrency_limited(position)
     if held.refusal in (BUDGET_EXCEEDED, TOKEN_BUDGET_EXCEEDED) and held.budgets:
-        return budget_denied(held.budgets[0].budget, position, last6, now)
+        return budget_denied(held.budgets[0], position, last6)
     return deny(INSUFFICIENT_USER_QUOTA, position, key_last6=last6)
 
 
@@ -282,13 +281,12 @@ def _with_reservation(
         format_time(reservation.expires_at),
         reservation.state,
     )
-    if held.repeated:  # the hold function weighs no budget for a repeat: the snapshot's
-        figures = snapshot_figures(snapshot, grant.account_id, grant.token_id, model, now)
-    else:
-        figures = tuple(
-            budget_figure(state.budget, state.spent, state.budget.held, now)
-            for state in held.budgets
-        )
+    # The hold function weighs no budget for a repeat: the snapshot's figures, then.
+    figures = (
+        snapshot_figures(snapshot, grant.account_id, grant.token_id, model, now)
+        if held.repeated
+        else held.budgets
+    )
     grant = replace(
         grant,
         balance=held.balance,

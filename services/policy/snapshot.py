@@ -11,7 +11,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from services.contract.events import ROLE_RANK
-from services.store.budget_rules import budget_spent
+from services.policy.budget_view import MAX_COVERAGES, Coverage, CoverageCache, build_coverage
 from services.store.model import (
     Account,
     Budget,
@@ -162,6 +162,9 @@ class Snapshot:
         default_factory=lambda: _freeze({})
     )
     budget_spend: Mapping[tuple[str, datetime], int] = field(default_factory=lambda: _freeze({}))
+    #: The budgets' figures per covering key, built on first use (`coverage`); a snapshot
+    #: whose budgets change starts a new one.
+    coverages: CoverageCache = field(default_factory=dict)
 
     @classmethod
     def from_state(cls, state: State, position: int) -> Snapshot:
@@ -198,7 +201,7 @@ class Snapshot:
         if rate_limits:
             parts["rate_limits"] = _freeze(dict(state.rate_limits))
         if budgets:
-            parts.update(_budget_views(state))
+            parts.update(_budget_views(state), coverages={})
         return replace(self, **parts)
 
     def budgets_covering(self, account_id: str, token_id: str, model: str | None) -> list[Budget]:
@@ -206,9 +209,22 @@ class Snapshot:
         budgets first, then its token budgets, each by id (the hold's order)."""
         return [b for b in self.budgets_by_account.get(account_id, ()) if b.covers(token_id, model)]
 
-    def spent(self, budget: Budget, now: datetime) -> int:
-        """What `budget` has spent in its period holding `now`."""
-        return budget_spent(self.budget_spend, budget, now)
+    def coverage(
+        self, account_id: str, token_id: str, model: str | None, now: datetime
+    ) -> Coverage | None:
+        """The budgets covering a request by `token_id` for `model` at `now`, with their
+        figures (None: no budget covers it)."""
+        key = (account_id, token_id, model)
+        found = self.coverages.get(key)
+        if found is not None and found.holds(now):
+            return found
+        budgets = self.budgets_covering(account_id, token_id, model)
+        if not budgets:
+            return None
+        if len(self.coverages) >= MAX_COVERAGES:
+            self.coverages.clear()
+        found = self.coverages[key] = build_coverage(budgets, self.budget_spend, now)
+        return found
 
     def rate_limit_for(self, account_id: str, model: str) -> RateLimit | None:
         """The account's limit for the model, else its `*` limit; one that caps requests,

@@ -18,7 +18,16 @@ from services.policy.errors import ERRORS
 from services.policy.inputs import extract_key, parse_pin
 from services.policy.request import AuthorizeRequest
 from services.policy.snapshot import RouteTable, Snapshot
-from services.store.model import Account, Channel, ModelSpec, RateLimit, RoutePolicy, State, Token
+from services.store.model import (
+    Account,
+    Budget,
+    Channel,
+    ModelSpec,
+    RateLimit,
+    RoutePolicy,
+    State,
+    Token,
+)
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 POSITION = 4242
@@ -941,3 +950,53 @@ def test_parse_pin_accepts_only_positive_ascii_integers(pin: str) -> None:
     if value is not None:
         assert pin.isascii() and pin.isdigit()
         assert 0 < value == int(pin)
+
+
+# --------------------------------------------------------------------------------------------
+# Budgets from the snapshot: its per-key coverage must follow period ends and budget changes
+
+
+def budgeted_world(spend: dict[tuple[str, datetime], int]) -> State:
+    state = world()
+    for budget in (
+        Budget("b_day", "acct_user", "account", None, None, 100, "day", "UTC", 10, 1),
+        Budget("b_month", "acct_user", "token", "tok_user", "gpt-4o", 1000, "month",
+               "Europe/Berlin", 0, 1),
+    ):  # fmt: skip
+        state.put_budget(budget)
+    state.budget_spend.update(spend)
+    return state
+
+
+def test_budget_figures_follow_the_period_and_the_snapshots_budgets() -> None:
+    day = datetime(2026, 11, 24, tzinfo=UTC)
+    month = datetime(2026, 10, 31, 23, tzinfo=UTC)  # 2026-11-01 00:00 in Berlin (CET)
+    state = budgeted_world({("b_day", day): 80, ("b_month", month): 500})
+    snapshot = snap(state)
+    figures = {f["budget_id"]: f for f in decide(req(), snapshot, NOW).body["budgets"]}
+    assert figures["b_day"] == {
+        "budget_id": "b_day", "scope": "account", "period": "day", "amount": 100, "spent": 80,
+        "held": 10, "remaining": 10, "resets_at": "2026-11-25T00:00:00Z",
+    }  # fmt: skip
+    assert figures["b_month"]["remaining"] == 500
+    assert figures["b_month"]["resets_at"] == "2026-11-30T23:00:00Z"
+    # 10 left today: a cost of 11 is refused by the day budget, one of 10 is not.
+    refused = decide(req(estimated_cost=11, dry_run=True), snapshot, NOW)
+    assert refused.reason == "budget_exceeded"
+    assert refused.body["error"]["reset_at"] == "2026-11-25T00:00:00Z"
+    assert decide(req(estimated_cost=10, dry_run=True), snapshot, NOW).allowed
+    # The same snapshot the next day: the day's spend is yesterday's, the month's still counts.
+    tomorrow = NOW + timedelta(days=1)
+    later = {f["budget_id"]: f for f in decide(req(), snapshot, tomorrow).body["budgets"]}
+    assert later["b_day"]["spent"] == 0 and later["b_day"]["resets_at"] == "2026-11-26T00:00:00Z"
+    assert later["b_month"]["spent"] == 500
+    assert decide(req(estimated_cost=90, dry_run=True), snapshot, tomorrow).allowed
+    # Back to today, and a snapshot whose budgets changed: no figure of the old one is kept.
+    assert decide(req(estimated_cost=11, dry_run=True), snapshot, NOW).reason == "budget_exceeded"
+    state.budget_spend[("b_day", day)] = 100
+    moved = snapshot.updated(state, POSITION + 1, budgets=True)
+    assert decide(req(), moved, NOW).reason == "budget_exceeded"
+    # Another token of the account is covered by the account budget only.
+    assert [b.budget_id for b in moved.budgets_covering("acct_user", "tok_other", None)] == [
+        "b_day"
+    ]
