@@ -40,6 +40,11 @@ WORKDIR = ROOT / ".work"
 MYPY_TARGETS = ("services", "tests", "bench", "scripts", "bootstrap.py", "migrations")
 PYTEST_NO_TESTS_COLLECTED = 5
 NGINX_FALLBACK = "/usr/sbin/nginx"  # not on a non-root user's PATH on Debian
+CADDY_FALLBACK = "/usr/bin/caddy"
+#: Set once this run's `apt-get update` succeeded: the installs after the first skip it.
+_apt_lists_updated = False
+PROMTOOL_FALLBACK = "/usr/bin/promtool"
+PROMETHEUS_PIDFILE = Path("/run/prometheus/prometheus.pid")  # the package's init script's
 
 
 def header(text: str) -> None:
@@ -121,16 +126,15 @@ def apt_install(packages: tuple[str, ...], consequence: str, timeout: float = 90
     Only as root with apt-get; otherwise, or when the install fails, print a warning and go on
     (`consequence`: the test that then fails, saying what is missing).
     """
+    global _apt_lists_updated
     names = " and ".join(packages)
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         print(f"warning: {names} missing and only root with apt-get installs it; {consequence}")
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     started = time.monotonic()
-    for args in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
-    ):
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+    for args in [install] if _apt_lists_updated else [["apt-get", "update", "-qq"], install]:
         command = " ".join(args)
         try:
             done = subprocess.run(
@@ -143,6 +147,7 @@ def apt_install(packages: tuple[str, ...], consequence: str, timeout: float = 90
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             print(f"warning: `{command}` exited {done.returncode} ({last}); {consequence}")
             return
+        _apt_lists_updated = True
     print(f"installed Debian's {names} ({time.monotonic() - started:.1f}s)")
 
 
@@ -154,11 +159,44 @@ def ensure_nginx() -> None:
         apt_install(("nginx",), "tests/deploy/test_nginx.py will fail")
 
 
+def ensure_caddy() -> None:
+    """tests/deploy/test_caddy.py runs deploy/caddy/ with Debian's caddy (2.6 in bookworm, the
+    binary at /usr/bin/caddy). The package has only systemd units: under systemd its postinst
+    starts caddy.service on port 80, which the test does not want (it runs its own)."""
+    if shutil.which("caddy") or Path(CADDY_FALLBACK).exists():
+        return
+    apt_install(("caddy",), "tests/deploy/test_caddy.py will fail")
+    if Path("/run/systemd/system").exists():
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(
+                ["systemctl", "stop", "caddy"], capture_output=True, timeout=60, check=False
+            )
+
+
 def ensure_chromium() -> None:
     """tests/ledger/test_ui.py drives the admin page in Debian's headless Chromium through
     chromedriver."""
     if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
         apt_install(("chromium", "chromium-driver"), "tests/ledger/test_ui.py will fail")
+
+
+def ensure_promtool() -> None:
+    """tests/deploy/test_observability.py runs promtool on deploy/prometheus/; Debian's
+    `prometheus` package holds it. Its postinst starts the server unless policy-rc.d forbids
+    it (this project's containers have one that does): only promtool is wanted, so a server
+    the install started is stopped again, through its own pidfile (or systemd unit)."""
+    if shutil.which("promtool") or Path(PROMTOOL_FALLBACK).exists():
+        return
+    apt_install(("prometheus",), "tests/deploy/test_observability.py will fail")
+    if Path("/run/systemd/system").exists():
+        stop = ["systemctl", "stop", "prometheus"]
+    elif PROMETHEUS_PIDFILE.exists():
+        stop = ["/etc/init.d/prometheus", "stop"]
+    else:
+        return
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(stop, capture_output=True, timeout=60, check=False)
+        print("stopped the prometheus server that its package started")
 
 
 def _has_python(path: Path) -> bool:
@@ -191,6 +229,8 @@ def main(pytest_args: list[str]) -> int:
         step(f"mypy {' '.join(mypy_targets)}", [python, "-m", "mypy", *mypy_targets])
         header("infrastructure")
         ensure_nginx()
+        ensure_caddy()
+        ensure_promtool()
         ensure_chromium()
         with contextlib.ExitStack() as stack:
             started = time.monotonic()

@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from services import http_metrics
 from services.contract.cloudevent import Rejection, decode_http_object, encode_structured
 from services.contract.events import INT64_MAX, Event
 from services.errors import ApiError, ErrorBody, error_response, install
@@ -122,6 +123,7 @@ def create_app(
     app.include_router(budgets_api.router)
     app.include_router(ui.router)
     app.add_middleware(RejectNul)
+    http_metrics.install(app, "ledger")
     install(app)
     for error in DATABASE_ERRORS:
         app.add_exception_handler(error, _database_unavailable)

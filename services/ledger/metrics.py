@@ -8,6 +8,14 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.contract.cloudevent import (
+    BAD_DATA,
+    ID_CONFLICT,
+    INVALID_JSON,
+    NOT_CLOUDEVENT,
+    UNKNOWN_TYPE,
+)
+
 if TYPE_CHECKING:
     from services.ledger.ingest import BatchResult
 
@@ -18,6 +26,9 @@ EVENTS_DUPLICATE = Counter(
 EVENTS_QUARANTINED = Counter(
     "quota_ledger_events_quarantined_total", "Events quarantined instead of applied", ["code"]
 )
+# Every code exported from the start (at 0), so the first quarantined event is an increase.
+for _code in (INVALID_JSON, NOT_CLOUDEVENT, UNKNOWN_TYPE, BAD_DATA, ID_CONFLICT):
+    EVENTS_QUARANTINED.labels(code=_code)
 RECORDS_CONSUMED = Counter("quota_ledger_records_consumed_total", "Kafka records processed")
 BATCH_FAILURES = Counter(
     "quota_ledger_batch_failures_total", "Batches rolled back and retried after an error"
