@@ -41,7 +41,8 @@ EDITS: tuple[tuple[str, str, int], ...] = (
     ("         b_spent, b_changed\n", "         b_spent, b_changed, b_prefix\n", 1),
     (
         "                v_figures := coalesce(v_figures || ',', '[') || json_build_array(\n"
-        "                    b_ids[e], b_scope[e], b_period[e], b_zone[e], b_amount[e], b_spent[e],\n"
+        "                    b_ids[e], b_scope[e], b_period[e], b_zone[e], b_amount[e],"
+        " b_spent[e],\n"
         "                    b_held[e])::text;\n",
         "                v_figures := coalesce(v_figures || ',', '[') || b_prefix[e] || ', '\n"
         "                             || b_held[e] || ']';\n",

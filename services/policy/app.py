@@ -23,7 +23,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.policy.http import AuthorizeFastPath, register
+from services import http_metrics
+from services.policy import metrics as policy_metrics
+from services.policy.http import PolicyApp, register
 from services.policy.ratelimit import build_rate_limiter
 from services.policy.reservations import Reservations
 from services.policy.service import Policy
@@ -56,6 +58,7 @@ def create_app(
         )
         async with contextlib.AsyncExitStack() as stack:
             store = SnapshotStore(dsn)
+            policy_metrics.watch(store, settings.max_staleness_seconds)
             limiter = build_rate_limiter(settings.redis_url)
             stack.push_async_callback(limiter.close)
             pool = await db.create_pool(dsn, max_size=6)
@@ -68,7 +71,7 @@ def create_app(
                 supervise_task(task, on_fatal)
             yield
 
-    app = FastAPI(
+    app = PolicyApp(
         title="quota policy",
         version="0.1.0",
         lifespan=lifespan,
@@ -76,5 +79,5 @@ def create_app(
     )
     register(app)
     app.add_middleware(RejectNul)
-    app.add_middleware(AuthorizeFastPath)  # outermost: /authorize skips the rest
+    http_metrics.install(app, "policy")  # outermost (`PolicyApp` times /authorize itself)
     return app

@@ -75,7 +75,7 @@ from services.policy.inputs import (
     parse_pin,
     seconds_until,
 )
-from services.policy.request import AuthorizeRequest
+from services.policy.request import AuthorizeInput
 from services.policy.snapshot import (
     ADMIN_RANK,
     Snapshot,
@@ -291,7 +291,7 @@ def _key_readings(key: str) -> Iterator[tuple[str, str | None]]:
         yield base, suffix
 
 
-def decide(request: AuthorizeRequest, snapshot: Snapshot, now: datetime) -> Decision:
+def decide(request: AuthorizeInput, snapshot: Snapshot, now: datetime) -> Decision:
     """Run the contract's checks in order; the first that fails decides (check 14: see the
     module doc and `rate_limited`)."""
     if now.tzinfo is None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any
+import time
+from typing import Annotated, Any, Final
 from urllib.parse import quote
 
 import orjson
@@ -19,10 +20,11 @@ import structlog
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
+from services import http_metrics
 from services.contract.cloudevent import format_time
-from services.errors import error_response, install
+from services.errors import error_body, error_response, install
 from services.openapi_docs import inline_schema
 from services.ops import add_ops_routes
 from services.policy.api_models import (
@@ -33,10 +35,11 @@ from services.policy.api_models import (
 )
 from services.policy.api_models import Reservation as ReservationState
 from services.policy.decision import Decision
-from services.policy.request import AuthorizeRequest
+from services.policy.request import AuthorizeRequest, parse_authorize
 from services.policy.service import (
     Policy,
     ReservationUnavailable,
+    counted,
     invalid_request,
     request_too_large,
     reservation_unavailable,
@@ -88,54 +91,85 @@ def decision_response(decision: Decision) -> Response:
     return FastJSONResponse(decision.body, status_code=decision.status, headers=decision.headers)
 
 
-async def answer_authorize(
+async def authorize_decision(
     policy: Policy, service_token: str | None, body: bytes | None
-) -> Response:
+) -> Decision:
     """The whole `POST /authorize`: gate, parse, decide; `body` None when it was too large."""
     gate = policy.gate(service_token)
     if isinstance(gate, Decision):
-        return decision_response(gate)
+        return gate
     if body is None:
-        return decision_response(request_too_large(gate.position))
+        return counted(request_too_large(gate.position))
     try:
-        parsed = AuthorizeRequest.model_validate_json(body)
+        parsed = parse_authorize(body)
     except ValidationError as exc:
-        return decision_response(invalid_request(exc, gate.position))
-    return decision_response(await policy.authorize(parsed, gate))
+        return counted(invalid_request(exc, gate.position))
+    return await policy.authorize(parsed, gate)
 
 
-class AuthorizeFastPath:
-    """`POST /authorize` straight to the decision, ahead of FastAPI's routing and dependency
-    solving (which cost more than the decision itself); everything else passes through."""
+_JSON: Final = (b"content-type", b"application/json")
+_INTERNAL_ERROR: Final = orjson.dumps(
+    error_body("internal_error", "Internal server error.", "api_error")
+)
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+
+def _rendered(decision: Decision) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """A decision as the status, headers and body of its HTTP answer."""
+    body = orjson.dumps(decision.body)
+    headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    for name, value in decision.headers.items():
+        headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    return decision.status, headers, body
+
+
+async def serve_authorize(policy: Policy, scope: Scope, receive: Receive, send: Send) -> None:
+    """`POST /authorize` as bare ASGI: read the body (up to QUOTA_MAX_REQUEST_BYTES), decide,
+    answer. Counted and timed by `quota_http_*` like every other request; an exception is
+    answered 500 and logged, as the framework would."""
+    started = time.perf_counter()
+    token = None
+    for name, value in scope["headers"]:
+        if name == b"x-quota-service-token":
+            token = value.decode("latin-1")
+    limit = policy.settings.max_request_bytes
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = (chunks[0] if len(chunks) == 1 else b"".join(chunks)) if size <= limit else None
+    try:
+        status, headers, payload = _rendered(await authorize_decision(policy, token, body))
+    except Exception:
+        log.exception("POST /authorize failed")
+        status, payload = 500, _INTERNAL_ERROR
+        headers = [_JSON, (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+    _OBSERVED.observe(status, time.perf_counter() - started)
+
+
+_OBSERVED: Final = http_metrics.observer("policy")
+
+
+class PolicyApp(FastAPI):
+    """The policy's FastAPI application, with `POST /authorize` answered ahead of its
+    middleware, routing and dependency solving (which cost more than the decision itself) by
+    `serve_authorize`; every other request, and the lifespan, go through FastAPI. The route
+    registered for `/authorize` documents it (OpenAPI) and answers the same."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/authorize" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] == "/authorize" and scope["method"] == "POST":
+            await serve_authorize(self.state.policy, scope, receive, send)
             return
-        policy: Policy = scope["app"].state.policy
-        token = None
-        for name, value in scope["headers"]:
-            if name == b"x-quota-service-token":
-                token = value.decode("latin-1")
-        limit = policy.settings.max_request_bytes
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks) if size <= limit else None
-        response = await answer_authorize(policy, token, body)
-        await response(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
 
 def reservation_body(reservation: Reservation) -> dict[str, Any]:
@@ -201,11 +235,14 @@ def _routes(app: FastAPI) -> None:
     async def authorize(
         request: Request, policy: PolicyDep, x_quota_service_token: ServiceToken = None
     ) -> Response:
-        # Served by `AuthorizeFastPath` in front of the router; this route documents it and
-        # answers the same should the middleware be bypassed.
+        # Served by `PolicyApp` ahead of the router; this route documents it and answers the
+        # same for an app mounted otherwise.
         body = await request.body()
         too_large = len(body) > policy.settings.max_request_bytes
-        return await answer_authorize(policy, x_quota_service_token, None if too_large else body)
+        decision = await authorize_decision(
+            policy, x_quota_service_token, None if too_large else body
+        )
+        return decision_response(decision)
 
     @app.get(
         "/reservations/{reservation_id}",
@@ -247,7 +284,7 @@ def _routes(app: FastAPI) -> None:
         try:
             parsed = _forward_request(request)
         except (ValidationError, ValueError) as exc:
-            return _forwarded(request, invalid_request(exc, gate.position))
+            return _forwarded(request, counted(invalid_request(exc, gate.position)))
         return _forwarded(request, await policy.authorize(parsed, gate))
 
     for method in ("GET", "POST"):

@@ -19,7 +19,7 @@ from services.policy.errors import (
     SIZE_NOT_SUPPORTED,
     TEXT_TOO_LONG,
 )
-from services.policy.request import RequestFields
+from services.policy.request import RequestInput
 from services.policy.snapshot import Address, Network
 from services.store.model import ModelSpec
 
@@ -97,7 +97,7 @@ def text_length(value: str | list[str] | None) -> int:
     return sum(len(item) for item in value)
 
 
-def check_limits(spec: ModelSpec, fields: RequestFields) -> str | None:
+def check_limits(spec: ModelSpec, fields: RequestInput) -> str | None:
     """Check 11: the first of the model's limits the request breaks, as a reason."""
     limits = spec.limits
     prompt = fields.prompt

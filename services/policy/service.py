@@ -33,7 +33,7 @@ from services.policy.decision import refusal as _refusal
 from services.policy.errors import INSUFFICIENT_USER_QUOTA
 from services.policy.inputs import extract_key
 from services.policy.ratelimit import RateLimiter
-from services.policy.request import AuthorizeRequest
+from services.policy.request import AuthorizeInput
 from services.policy.reservations import HoldOutcome, Reservations
 from services.policy.snapshot import Snapshot
 from services.policy.snapshot_store import SnapshotStore
@@ -98,6 +98,12 @@ def count(reason: str) -> None:
     counter.inc()
 
 
+def counted(decision: Decision) -> Decision:
+    """`decision`, counted in `quota_policy_decisions_total` by its reason."""
+    count(decision.reason or "allowed")
+    return decision
+
+
 class Policy:
     """What the lifespan builds and every route uses: the snapshot store, the limiter, the
     reservations, and the settings that govern them."""
@@ -134,31 +140,36 @@ class Policy:
         return None
 
     def gate(self, service_token: str | None) -> Decision | Snapshot:
-        """Service authentication and freshness: the snapshot to decide from, or the refusal."""
+        """Service authentication and freshness: the snapshot to decide from, or the refusal
+        (counted as a decision)."""
         refused = self.refuse_service(service_token)
         if refused is not None:
-            return refused
+            return counted(refused)
         snapshot = self.store.snapshot
         if snapshot is None:
-            return _refusal(
-                503,
-                SNAPSHOT_STALE,
-                "Quota snapshot is not loaded yet.",
-                "service_unavailable",
-                0,
-                1,
+            return counted(
+                _refusal(
+                    503,
+                    SNAPSHOT_STALE,
+                    "Quota snapshot is not loaded yet.",
+                    "service_unavailable",
+                    0,
+                    1,
+                )
             )
         settings = self.settings
         if not settings.fail_open and (
             self.store.seconds_since_heard() > settings.max_staleness_seconds
         ):
-            return _refusal(
-                503,
-                SNAPSHOT_STALE,
-                "Quota state is stale: the ledger has not been heard from; try again later.",
-                "service_unavailable",
-                self.store.position,
-                1,
+            return counted(
+                _refusal(
+                    503,
+                    SNAPSHOT_STALE,
+                    "Quota state is stale: the ledger has not been heard from; try again later.",
+                    "service_unavailable",
+                    self.store.position,
+                    1,
+                )
             )
         return snapshot
 
@@ -182,7 +193,7 @@ class Policy:
 
     # ---------------------------------------------------------------------------- decisions
 
-    async def authorize(self, request: AuthorizeRequest, snapshot: Snapshot) -> Decision:
+    async def authorize(self, request: AuthorizeInput, snapshot: Snapshot) -> Decision:
         """Checks 1-13b from the snapshot (pure), the hold when a cost is estimated (checks 13
         to 13c again, authoritative, under the ledger lock), then check 14 against the shared
         limiter. A dry run stops after the snapshot's checks: nothing held, nothing counted.
@@ -258,7 +269,7 @@ class Policy:
 
 
 def _hold_refused(
-    request: AuthorizeRequest, held: HoldOutcome, position: int, now: datetime
+    request: AuthorizeInput, held: HoldOutcome, position: int, now: datetime
 ) -> Decision:
     """The decision for a hold the hold function refused: check 13, 13a, 13b or 13c."""
     last6 = extract_key(request.authorization)[-6:]
