@@ -46,8 +46,7 @@ ALERTED_REASONS: Final = (
     "model_unavailable",
     "provider_rate_limited",
 )
-for _reason in ALERTED_REASONS:
-    DECISIONS.labels(reason=_reason)
+DECISIONS.export(*((reason,) for reason in ALERTED_REASONS))
 
 
 def watch(store: SnapshotStore, max_staleness_seconds: float) -> None:

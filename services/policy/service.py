@@ -12,13 +12,13 @@ from __future__ import annotations
 import hmac
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 import structlog
-from prometheus_client import Counter
 from pydantic import ValidationError
 
 from services.contract.cloudevent import format_time
+from services.hot_metrics import LabelledCounter
 from services.policy.decision import (
     Decision,
     Hold,
@@ -44,7 +44,8 @@ from services.supervise import DATABASE_ERRORS, Readiness
 
 log = structlog.get_logger("quota.policy.service")
 
-DECISIONS = Counter("quota_policy_decisions_total", "Decisions by outcome", ["reason"])
+#: quota_policy_decisions_total{reason}, counted without a lock on the request path.
+DECISIONS = LabelledCounter("quota_policy_decisions", "Decisions by outcome", ["reason"])
 
 INVALID_REQUEST: Final = "invalid_request"
 SERVICE_TOKEN_INVALID: Final = "service_token_invalid"
@@ -88,14 +89,8 @@ def request_too_large(position: int) -> Decision:
     )
 
 
-_COUNTERS: dict[str, Any] = {}
-
-
 def count(reason: str) -> None:
-    counter = _COUNTERS.get(reason)
-    if counter is None:
-        counter = _COUNTERS[reason] = DECISIONS.labels(reason=reason)
-    counter.inc()
+    DECISIONS.inc((reason,))
 
 
 def counted(decision: Decision) -> Decision:
