@@ -37,7 +37,7 @@ from services.infra.testenv import (  # noqa: E402
 )
 
 WORKDIR = ROOT / ".work"
-MYPY_TARGETS = ("services", "tests", "bench", "scripts", "bootstrap.py", "migrations")
+MYPY_TARGETS = ("services", "tests", "bench", "scripts", "bootstrap.py", "migrations", "examples")
 PYTEST_NO_TESTS_COLLECTED = 5
 NGINX_FALLBACK = "/usr/sbin/nginx"  # not on a non-root user's PATH on Debian
 CADDY_FALLBACK = "/usr/bin/caddy"

@@ -1,22 +1,25 @@
 """The soak's load: an open-loop mix of decisions, holds, settling usage, releases, recharges.
 Request i starts at start + i / rate, whatever the answers before it; its latency counts from
 then, so a late start (the driver lagging) counts against it.
+
+Every request goes through services.client, as a gateway's would, with one call each (no
+retry: each answer is counted as it came); a request that got no decision is `ERR <cause>`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 import httpx
 
 from bench.authorize import world
+from services.client import NO_RETRY, AsyncQuotaClient, Decision, FailMode, QuotaError
 from services.contract.samples import cloud_event
 
 #: The operations and their default shares of the total rate (in percent).
@@ -42,12 +45,22 @@ def _now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _reason(response: httpx.Response) -> str:
-    try:
-        error = response.json().get("error")
-        return f" {error['reason']}" if isinstance(error, dict) else ""
-    except (ValueError, KeyError, TypeError):
-        return ""
+def _decided(decision: Decision) -> str:
+    """A decision's status (and reason), or `ERR <cause>` when the policy gave none."""
+    if decision.degraded:  # the transport failed, or the answer was not a decision
+        return f"ERR {(decision.cause or '').split(':')[0]}"
+    return "200" if decision.allowed else f"{decision.status} {decision.reason_code}"
+
+
+def _failed(exc: QuotaError) -> str:
+    """A refused release or publication: its status (and code), or `ERR <transport error>`."""
+    if exc.status is None:
+        return f"ERR {type(exc.__cause__).__name__}"
+    return f"{exc.status} {exc.code}" if exc.code else str(exc.status)
+
+
+#: A service's client and the gate that bounds the requests in flight to it.
+Gated = tuple[AsyncQuotaClient, asyncio.Semaphore]
 
 
 class Load:
@@ -60,14 +73,16 @@ class Load:
         accounts: int,
         hot_share: float,
     ) -> None:
-        self.policies = policies
-        self.ledger = ledger
+        # Each policy's client, on its httpx client (its service token); the ledger's publishes
+        # through the ledger's (its admin token).
+        self.policies: list[Gated] = [(self._client(c, ledger), self._gate()) for c in policies]
+        self.ledger: Gated = (self._client(ledger, ledger), self._gate())
         self.rng = random.Random(9)
         self.keys = self.account_keys(accounts)
         self.hot_share = hot_share
         self.kinds = list(MIX)
         self.weights = list(MIX.values())
-        self.open: deque[tuple[float, str, str]] = deque(maxlen=100_000)
+        self.open: deque[tuple[float, Decision]] = deque(maxlen=100_000)
         self.records: list[Record] = []
         self.produced: list[str] = []
         self.unconfirmed: list[str] = []
@@ -75,9 +90,19 @@ class Load:
         self.in_flight: set[asyncio.Task[None]] = set()
         self.sent = 0
         self.turn = 0
-        self.gates = {client: asyncio.Semaphore(CONNECTIONS) for client in (*policies, ledger)}
         self.loop = asyncio.get_running_loop()
         self.start = self.loop.time()
+
+    @staticmethod
+    def _client(http: httpx.AsyncClient, ledger: httpx.AsyncClient) -> AsyncQuotaClient:
+        return AsyncQuotaClient(
+            str(http.base_url), fail_mode=FailMode.CLOSED, retry=NO_RETRY, http=http,
+            ledger_url=str(ledger.base_url), source="bench/soak",
+        )  # fmt: skip
+
+    @staticmethod
+    def _gate() -> asyncio.Semaphore:
+        return asyncio.Semaphore(CONNECTIONS)
 
     @staticmethod
     def account_keys(accounts: int) -> list[tuple[str, str]]:
@@ -95,7 +120,7 @@ class Load:
             return world.ALLOWED_ACCOUNT, world.ALLOWED_KEY
         return self.keys[self.rng.randrange(len(self.keys))]
 
-    def _policy(self) -> httpx.AsyncClient:
+    def _policy(self) -> Gated:
         self.turn += 1
         return self.policies[self.turn % len(self.policies)]
 
@@ -132,50 +157,64 @@ class Load:
             if not self.open or self.now() - self.open[0][0] < MIN_HOLD_AGE:
                 kind = "check"  # nothing old enough to end yet
             elif kind == "release":
-                path = f"/reservations/{self.open.popleft()[1]}/release"
-                await self._post(due, kind, self._policy(), path, None)
+                await self._release(due, kind, self.open.popleft()[1])
                 return
             else:
-                _, reservation_id, account = self.open.popleft()
+                held = self.open.popleft()[1]
                 amount = self.rng.randint(world.HOLD_COST // 2, world.HOLD_COST * 3 // 2)
-                data = {"amount": amount, "model": world.MODEL, "reservation_id": reservation_id}
-                await self._publish(due, kind, "quota.account.usage_recorded", account, data)
+                event_id = str(uuid.uuid4())
+                settling = self.ledger[0].settle(held, amount, event_id=event_id)
+                await self._publish(due, kind, event_id, settling)
                 return
         account, key = self._account()
         if kind == "recharge":
-            await self._publish(due, kind, "quota.account.recharged", account, {"amount": RECHARGE})
+            event = cloud_event("quota.account.recharged", account, {"amount": RECHARGE},
+                                time=_now_rfc3339(), source="bench/soak")  # fmt: skip
+            await self._publish(due, kind, event["id"], self.ledger[0].publish(event))
             return
         body = world.authorize_body(key)
         del body["request_id"]
         if kind == "hold":
             body |= {"estimated_cost": world.HOLD_COST, "request_id": f"soak-{uuid.uuid4().hex}"}
-        response = await self._post(due, kind, self._policy(), "/authorize", body)
-        if kind == "hold" and response is not None and response.status_code == 200:
-            reservation = response.json().get("reservation")
-            if reservation:
-                self.open.append((self.now(), reservation["id"], account))
-
-    async def _post(
-        self, due: float, kind: str, client: httpx.AsyncClient, path: str, body: Any
-    ) -> httpx.Response | None:
-        """One request, recorded as its status (and error reason), or `ERR <exception>`."""
+        quota, gate = self._policy()
         try:
-            content = None if body is None else json.dumps(body)
-            async with self.gates[client]:
-                response = await client.post(path, content=content)
+            async with gate:
+                decision = await quota.authorize(**body)
+        except httpx.HTTPError as exc:  # not a transport error: the client passes it on
+            self._record(due, kind, f"ERR {type(exc).__name__}")
+            return
+        self._record(due, kind, _decided(decision))
+        if kind == "hold" and decision.reservation is not None:
+            self.open.append((self.now(), decision))
+
+    async def _release(self, due: float, kind: str, held: Decision) -> None:
+        """Release a hold, recorded as 200 (released), 409 (it ended before), 404, or the
+        refusal."""
+        assert held.reservation is not None
+        quota, gate = self._policy()
+        try:
+            async with gate:
+                reservation = await quota.release(held.reservation.id)
+        except QuotaError as exc:
+            self._record(due, kind, _failed(exc))
+            return
         except httpx.HTTPError as exc:
             self._record(due, kind, f"ERR {type(exc).__name__}")
-            return None
-        code = response.status_code
-        self._record(due, kind, str(code) if code in (200, 202) else f"{code}{_reason(response)}")
-        return response
+            return
+        ended = reservation is None or reservation.state != "released"
+        self._record(due, kind, "404" if reservation is None else "409" if ended else "200")
 
-    async def _publish(
-        self, due: float, kind: str, type_: str, subject: str, data: dict[str, Any]
-    ) -> None:
-        """POST one event to the ledger; its id counts as produced once it is accepted (202);
-        after an error or a timeout it is `unconfirmed` (it may or may not be published)."""
-        event = cloud_event(type_, subject, data, time=_now_rfc3339(), source="bench/soak")
-        response = await self._post(due, kind, self.ledger, "/events", event)
-        accepted = response is not None and response.status_code == 202
-        (self.produced if accepted else self.unconfirmed).append(event["id"])
+    async def _publish(self, due: float, kind: str, event_id: str, call: Awaitable[object]) -> None:
+        """One event to the ledger (`call`: the client's publish or settle); its id counts as
+        produced once it is accepted (202); after an error or a timeout it is `unconfirmed` (it
+        may or may not be published)."""
+        status = "202"
+        try:
+            async with self.ledger[1]:
+                await call
+        except QuotaError as exc:
+            status = _failed(exc)
+        except httpx.HTTPError as exc:
+            status = f"ERR {type(exc).__name__}"
+        self._record(due, kind, status)
+        (self.produced if status == "202" else self.unconfirmed).append(event_id)

@@ -5,6 +5,7 @@ atomically, on any number of replicas; the snapshot decides check-only requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,6 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
+from services.client import NO_RETRY, AsyncQuotaClient, FailMode
 from services.ledger.audit import verify
 from services.ledger.replay import replay
 from services.settings import Settings
@@ -77,16 +79,19 @@ async def wait_policies(
 
 
 async def hammer(policies: list[QuotaProcess], bodies: list[dict[str, Any]]) -> list[Any]:
+    """Every body at once, spread over the policies (through services.client, one call each:
+    no retry, so a hold keeps the body's request id or none): (status, JSON) of each."""
     limits = httpx.Limits(max_connections=100)
-    clients = [httpx.AsyncClient(base_url=p.url, limits=limits, timeout=60) for p in policies]
-    try:
-        answers = await asyncio.gather(
-            *(clients[i % len(clients)].post("/authorize", json=b) for i, b in enumerate(bodies))
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for policy in policies:
+            http = await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=60))
+            clients.append(AsyncQuotaClient(policy.url, fail_mode=FailMode.CLOSED,
+                                            retry=NO_RETRY, http=http))  # fmt: skip
+        decisions = await asyncio.gather(
+            *(clients[i % len(clients)].authorize(**b) for i, b in enumerate(bodies))
         )
-    finally:
-        for client in clients:
-            await client.aclose()
-    return [(a.status_code, a.json()) for a in answers]
+    return [(decision.status, dict(decision.raw)) for decision in decisions]
 
 
 @pytest.mark.timeout(240)
