@@ -105,6 +105,8 @@ def decode_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> E
         raise Rejection(INVALID_JSON, f"not UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise Rejection(INVALID_JSON, str(exc)) from exc
+    except RecursionError as exc:  # binary-mode data: the SDK's json.loads, about 1000 levels
+        raise Rejection(INVALID_JSON, "data is nested too deeply to parse") from exc
     except _NOT_CLOUDEVENT_ERRORS as exc:
         raise Rejection(NOT_CLOUDEVENT, _describe(exc)) from exc
     data = cloud_event.get_data()

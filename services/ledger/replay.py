@@ -3,8 +3,8 @@
 Sources
     * the event store (default), in position order;
     * the Kafka topic (`from_kafka`), read from the beginning of every partition to the end
-      offsets taken at start by a fresh consumer that commits nothing. Records are decoded with
-      `decode_kafka` and screened like ingest (`ingest.screen`: duplicates dropped, reused ids
+      offsets taken at start by a fresh consumer that commits nothing. Records are decoded and
+      screened like ingest (`ingest.decode_all`, `ingest.screen`: duplicates dropped, reused ids
       with other content rejected). Kafka only orders records within a partition; producers key
       by subject, so one account's events (and all catalog events, subject `catalog`) share a
       partition and keep their order. Partitions are merged by record timestamp (ties by
