@@ -34,6 +34,30 @@ def proc_kib(path: str, key: str) -> int | None:
     return int(value.split()[0]) if value else None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of a process and its threads (/proc/<pid>/stat), or None."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def cpu_of(groups: dict[str, list[int]]) -> dict[str, dict[int, float]]:
+    """`cpu_seconds` of each named group's processes (those that can be read)."""
+    return {name: {pid: s for pid in pids if (s := cpu_seconds(pid)) is not None}
+            for name, pids in groups.items()}  # fmt: skip
+
+
+def cpu_shares(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], seconds: float
+) -> dict[str, float | None]:
+    """Each group's CPU between two `cpu_of` as a share of one core (a process new since
+    `before` counts from 0); None where none of it could be read."""
+    return {name: sum(s - before.get(name, {}).get(pid, 0.0) for pid, s in now.items()) / seconds
+            if now else None for name, now in after.items()}  # fmt: skip
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -99,6 +123,10 @@ def grid(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None
 
 def rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def ms(value: float | None) -> str:

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 
 from services.ledger import ingest, metrics, offset_store
 from services.settings import Settings
-from services.store import event_store
+from services.store import event_store, phases
 from services.supervise import DATABASE_ERRORS, TRANSIENT_ERRORS, LoopHealth
 
 log = structlog.get_logger("quota.ledger.consumer")
@@ -159,7 +159,10 @@ class LedgerConsumer:
                     continue
                 # Batch N commits in the background while batch N+1 is polled and decoded:
                 # PostgreSQL works on one core while Python decodes on the other.
+                polled = time.perf_counter()
                 batches = await self._poll(consumer)
+                if batches:
+                    phases.lap("poll", polled)
                 prepared = await self._prepare(batches) if batches else None
                 if inflight is not None:
                     committed, inflight = await inflight, None
@@ -235,6 +238,7 @@ class LedgerConsumer:
     ) -> _Prepared | None:
         """Pick the records of partitions we own and decode them, yielding now and then so a
         commit in flight can send its next statement."""
+        picked = time.perf_counter()
         records: list[ingest.Incoming] = []
         epochs: dict[tuple[str, int], int] = {}
         for tp, messages in batches.items():
@@ -257,10 +261,12 @@ class LedgerConsumer:
             epochs[(tp.topic, tp.partition)] = owned.epoch
         if not records:
             return None
-        started = time.perf_counter()
+        started = phases.lap("pick", picked)
         decoded: list[ingest.Decoded] = []
         for start in range(0, len(records), DECODE_CHUNK):
+            chunk = time.perf_counter()
             decoded.extend(ingest.decode_all(records[start : start + DECODE_CHUNK]))
+            phases.lap("decode", chunk)
             await asyncio.sleep(0)
         return _Prepared(decoded, epochs, started)
 
@@ -289,6 +295,8 @@ class LedgerConsumer:
                         result = await ingest.apply_batch(
                             conn, decoded, offsets, self.settings.consumer_group
                         )
+                        applied = time.perf_counter()
+                    phases.lap("commit", applied)
                     # Committed: heard now, before the connection's reset on release.
                     seconds = time.perf_counter() - prepared.started
                     self._committed(CommittedBatch(result.position, len(decoded), result, seconds))

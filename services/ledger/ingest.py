@@ -11,6 +11,7 @@ import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from time import perf_counter
 
 import asyncpg
 
@@ -18,14 +19,14 @@ from services.contract.cloudevent import (
     ID_CONFLICT,
     Rejection,
     canonical_json,
-    decode_kafka,
     event_content,
 )
 from services.contract.events import (
     Event,
 )
+from services.contract.fast_decode import decode_record
 from services.ledger import offset_store
-from services.store import db, event_store
+from services.store import db, event_store, phases
 from services.store.append import Unique, fold_and_append
 from services.store.chain import payload_hash
 from services.store.model import Changes
@@ -97,11 +98,14 @@ def screen(decoded: Sequence[Decoded], stored: Mapping[str, str]) -> Screened:
 
 
 def decode_all(records: Sequence[Incoming]) -> list[Decoded]:
-    """Decode a batch outside the transaction; failures become rejections, never exceptions."""
+    """Decode a batch outside the transaction; failures become rejections, never exceptions.
+
+    `decode_record` (orjson and msgspec) gives the verdicts of `decode_kafka` (the CloudEvents
+    SDK and pydantic, what `POST /events` uses) in half the time."""
     decoded = []
     for record in records:
         try:
-            decoded.append(Decoded(record, decode_kafka(record.headers, record.value), None))
+            decoded.append(Decoded(record, decode_record(record.headers, record.value), None))
         except Rejection as rejection:
             decoded.append(Decoded(record, None, rejection))
     return decoded
@@ -120,7 +124,9 @@ async def apply_batch(
     """
     received_at = datetime.now(UTC)
     result = BatchResult()
+    started = perf_counter()
     head = await event_store.lock_head(conn)
+    started = phases.lap("store", started)
     quarantined: list[offset_store.Quarantined] = []
 
     def reject(item: Decoded, rejection: Rejection) -> None:
@@ -128,13 +134,17 @@ async def apply_batch(
         quarantined.append(_quarantined(item, rejection, received_at))
 
     event_ids = [item.event.id for item in decoded if item.event is not None]
-    screened = screen(decoded, await event_store.stored_content_hashes(conn, event_ids))
+    stored = await event_store.stored_content_hashes(conn, event_ids)
+    started = phases.lap("lookup", started)
+    screened = screen(decoded, stored)
     result.duplicates = screened.duplicates
     for item, rejection in screened.rejected:
         reject(item, rejection)
+    phases.lap("screen", started)
     appended = await fold_and_append(conn, head, screened.unique, received_at, derive=True)
     for unique, reason in appended.rejected:
         reject(unique.tag, Rejection("bad_data", reason))
+    started = perf_counter()
     await offset_store.quarantine(conn, quarantined)
     await event_store.write_head(
         conn,
@@ -145,11 +155,13 @@ async def apply_batch(
         by_topic.setdefault(topic, {})[partition] = value
     for topic, offsets in by_topic.items():
         await offset_store.commit_offsets(conn, group_id, topic, offsets)
+    started = phases.lap("store", started)
     if appended.count:
         # `ledger`: a batch the consumer committed, which (like a heartbeat) tells listeners
         # that the ledger is alive; holds and expiries written by policies do not.
         notification = notify_payload(appended.position, appended.changes, appended.state)
         await db.notify_changes(conn, replace(notification, ledger=True))
+        phases.lap("notify", started)
     result.applied = appended.count
     result.position = appended.position
     result.changes = appended.changes

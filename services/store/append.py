@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from time import perf_counter
 from typing import Any, Final
 
 import asyncpg
 
 from services.contract.cloudevent import canonical_json, event_content
 from services.contract.events import ACCOUNT_EVENTS, Event
-from services.store import event_store, projections
+from services.store import event_store, phases, projections
 from services.store.chain import chain_hash, payload_hash
 from services.store.fold import fold
 from services.store.model import Changes, State
@@ -64,10 +65,14 @@ async def fold_and_append(
     derive: bool,
 ) -> Appended:
     """Fold first-seen events onto the rows they touch, chain and store what applied."""
+    started = perf_counter()
     state = await projections.load_state(conn, state_keys([u.event for u in unique], received_at))
+    phases.lap("load", started)
     appended = fold_and_chain(head, unique, state, received_at, derive=derive)
+    started = perf_counter()
     await event_store.append_events(conn, appended.records)
     await projections.write_changes(conn, appended.state, appended.changes)
+    phases.lap("store", started)
     return appended
 
 
@@ -80,10 +85,12 @@ def fold_and_chain(
     derive: bool,
 ) -> Appended:
     """Fold first-seen events onto `state` and chain the applied ones after `head`."""
+    started = perf_counter()
     outcome = fold(
         state, (u.event for u in unique), head.position + 1, derive=derive,
         received_at=received_at,
     )  # fmt: skip
+    started = phases.lap("fold", started)
     by_event = {id(u.event): u for u in unique}
     records: list[event_store.EventTuple] = []
     prev = head.hash
@@ -114,6 +121,7 @@ def fold_and_chain(
             )
         )
         prev = current
+    phases.lap("chain", started)
     rejected = [(by_event[id(r.event)], r.reason) for r in outcome.rejected]
     return Appended(
         head.position + len(records), prev, records, outcome.state, outcome.changes, rejected
