@@ -24,9 +24,9 @@ step = functools.partial(say, "bench.fold")
 PHASES: Final = {
     "poll": ("getmany: aiokafka parses records, waits for fetches", True),
     "pick": ("the owned partitions' records as ingest.Incoming", False),
-    "decode": ("ingest.decode_all", False),
+    "decode": ("ingest.decode_all: msgspec, canonical JSON, content hash", False),
     "lookup": ("duplicates: the ids already stored, SELECT", True),
-    "screen": ("duplicates: canonical JSON, content hash", False),
+    "screen": ("duplicates and id conflicts", False),
     "load": ("the rows the batch folds onto, SELECT", True),
     "fold": ("the pure fold", False),
     "chain": ("hash chain, the rows to COPY", False),
