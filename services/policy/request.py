@@ -121,5 +121,6 @@ def parse_authorize(body: bytes) -> AuthorizeInput:
     not a valid request."""
     try:
         return _BODY.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        # RecursionError: nested deeper than msgspec goes; pydantic refuses it as a 400.
         return AuthorizeRequest.model_validate_json(body)

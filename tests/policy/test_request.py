@@ -108,7 +108,10 @@ def test_any_body_gets_the_same_verdict_and_values(body: dict[str, Any]) -> None
         b'{"request": {"input": ["a", 1]}}',
         b'{"request": []}',
         b"\xff",
+        b'{"a":' * 10_000 + b"1" + b"}" * 10_000,  # deeper than msgspec recurses
+        b"[" * 10_000 + b"]" * 10_000,
     ],
+    ids=lambda raw: raw[:40].decode("latin-1"),
 )
 def test_edge_bodies_get_the_models_verdict(raw: bytes) -> None:
     fast, model = verdicts(raw)
