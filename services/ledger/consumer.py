@@ -93,6 +93,8 @@ class LedgerConsumer:
         self._stopping = False
         #: Offsets must be re-read from the database before the next poll (a commit failed).
         self._resync_needed = False
+        #: The last batch held events stored before: the next looks its ids up first.
+        self._looked_up = False
         #: Assigned partitions whose claim in the database has not succeeded yet.
         self._unclaimed: set[TopicPartition] = set()
         #: The backoff delay a failed commit asked for, waited before the resync.
@@ -293,8 +295,10 @@ class LedgerConsumer:
                 async with self.pool.acquire() as conn:
                     async with conn.transaction():
                         result = await ingest.apply_batch(
-                            conn, decoded, offsets, self.settings.consumer_group
-                        )
+                            conn, decoded, offsets, self.settings.consumer_group,
+                            optimistic=not self._looked_up,
+                        )  # fmt: skip
+                        self._looked_up = result.looked_up
                         applied = time.perf_counter()
                     phases.lap("commit", applied)
                     # Committed: heard now, before the connection's reset on release.

@@ -27,7 +27,7 @@ from services.contract.events import (
 from services.contract.fast_decode import decode_record
 from services.ledger import offset_store
 from services.store import db, event_store, phases
-from services.store.append import Unique, fold_and_append
+from services.store.append import Appended, Unique, fold_and_append
 from services.store.chain import payload_hash
 from services.store.model import Changes
 from services.store.notify import notify_payload
@@ -62,6 +62,8 @@ class BatchResult:
     quarantined: dict[str, int] = field(default_factory=dict)
     position: int = 0
     changes: Changes = field(default_factory=Changes)
+    #: The batch's ids were looked up in the store (some were there, or it was asked to).
+    looked_up: bool = False
 
 
 @dataclass(slots=True)
@@ -125,11 +127,16 @@ async def apply_batch(
     decoded: Sequence[Decoded],
     commit_offsets: Mapping[tuple[str, int], tuple[int, int]],
     group_id: str,
+    *,
+    optimistic: bool = True,
 ) -> BatchResult:
     """Apply a decoded batch in the caller's transaction.
 
     `commit_offsets` maps (topic, partition) to (next offset, epoch); it is written with a
     compare-and-set and raises `OffsetFenced` if another consumer owns a partition now.
+    `optimistic`: write first and look the ids up only when one is already stored (then the
+    batch is folded again, `looked_up`); else look them up first (after a batch that held a
+    stored event, the next likely does too: redelivery).
     """
     received_at = datetime.now(UTC)
     result = BatchResult()
@@ -142,15 +149,35 @@ async def apply_batch(
         result.quarantined[rejection.code] = result.quarantined.get(rejection.code, 0) + 1
         quarantined.append(_quarantined(item, rejection, received_at))
 
-    event_ids = [item.event.id for item in decoded if item.event is not None]
-    stored = await event_store.stored_content_hashes(conn, event_ids)
-    started = phases.lap("lookup", started)
-    screened = screen(decoded, stored)
+    async def fold_screened(stored: Mapping[str, str]) -> tuple[Screened, Appended]:
+        started = perf_counter()
+        screened = screen(decoded, stored)
+        phases.lap("screen", started)
+        appended = await fold_and_append(conn, head, screened.unique, received_at, derive=True)
+        return screened, appended
+
+    # Most batches hold no event stored before: their events are written without looking their
+    # ids up first. The unique index on event_id finds a batch that does; its writes are rolled
+    # back to the savepoint and done again after the lookup.
+    appended: Appended | None = None
+    if optimistic:
+        try:
+            async with conn.transaction():
+                screened, appended = await fold_screened({})
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != event_store.EVENT_ID_UNIQUE:
+                raise
+            result.looked_up = True
+    if appended is None:
+        started = perf_counter()
+        event_ids = [item.event.id for item in decoded if item.event is not None]
+        stored = await event_store.stored_content_hashes(conn, event_ids)
+        phases.lap("lookup", started)
+        result.looked_up = result.looked_up or bool(stored)
+        screened, appended = await fold_screened(stored)
     result.duplicates = screened.duplicates
     for item, rejection in screened.rejected:
         reject(item, rejection)
-    phases.lap("screen", started)
-    appended = await fold_and_append(conn, head, screened.unique, received_at, derive=True)
     for unique, reason in appended.rejected:
         reject(unique.tag, Rejection("bad_data", reason))
     started = perf_counter()

@@ -47,6 +47,10 @@ async def write_head(conn: asyncpg.Connection, head: Head) -> None:
     )
 
 
+#: The unique constraint that finds an event id stored before (`ingest.apply_batch`).
+EVENT_ID_UNIQUE: Final = "uq_event_store_event_id"
+
+
 async def stored_content_hashes(
     conn: asyncpg.Connection, event_ids: Sequence[str]
 ) -> dict[str, str]:

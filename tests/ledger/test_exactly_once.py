@@ -512,3 +512,58 @@ async def test_a_stale_epoch_is_fenced_and_its_batch_leaves_nothing_behind(
         assert [n["position"] for n in notices] == [1, 2]
     finally:
         await listener.close()
+
+
+async def test_a_batch_written_before_its_ids_are_looked_up_finds_stored_ones_after_all(
+    pool: asyncpg.Pool,
+) -> None:
+    """`apply_batch` writes a batch without looking its ids up; one holding an event stored
+    before is rolled back to a savepoint and folded again after the lookup, with the same
+    duplicates and id conflicts as when looked up first."""
+    group, topic = "ledger-optimistic", "quota.events.optimistic"
+
+    def batch(events: Sequence[dict[str, Any]], first_offset: int) -> list[ingest.Decoded]:
+        records = [
+            ingest.Incoming(topic, 0, first_offset + i, (), structured(event))
+            for i, event in enumerate(events)
+        ]
+        return ingest.decode_all(records)
+
+    async def apply(
+        decoded: list[ingest.Decoded], next_offset: int, *, optimistic: bool = True
+    ) -> ingest.BatchResult:
+        async with pool.acquire() as conn, conn.transaction():
+            claim = (await offset_store.claim_partitions(conn, group, topic, [0], "me"))[0]
+            return await ingest.apply_batch(
+                conn, decoded, {(topic, 0): (next_offset, claim.epoch)}, group,
+                optimistic=optimistic,
+            )  # fmt: skip
+
+    first = recharge("acct_o", 100, event_id="o-1")
+    clean = await apply(batch([first, usage("acct_o", 5, event_id="o-2")], 0), 2)
+    assert (clean.applied, clean.looked_up) == (2, False)
+
+    again = [
+        recharge("acct_o", 50, event_id="o-3"),
+        first,  # stored before: a duplicate
+        recharge("acct_o", 999, event_id="o-2"),  # stored id, other content: a conflict
+        usage("acct_o", 7, event_id="o-4"),
+    ]
+    result = await apply(batch(again, 2), 6)
+    assert (result.applied, result.duplicates, result.looked_up) == (2, 1, True)
+    assert result.quarantined == {"id_conflict": 1}
+    # Looked up first (as after such a batch): nothing stored among these, so the next is not.
+    fresh = await apply(batch([usage("acct_o", 1, event_id="o-5")], 6), 7, optimistic=False)
+    assert (fresh.applied, fresh.looked_up) == (1, False)
+
+    async with pool.acquire() as conn:
+        rows = await conn.fetch("SELECT position, event_id FROM event_store ORDER BY position")
+        assert [(r["position"], r["event_id"]) for r in rows] == [
+            (1, "o-1"), (2, "o-2"), (3, "o-3"), (4, "o-4"), (5, "o-5"),
+        ]  # fmt: skip
+        assert (
+            await conn.fetchval("SELECT balance FROM accounts WHERE account_id = 'acct_o'")
+            == 100 - 5 + 50 - 7 - 1
+        )
+        head = await event_store.read_head(conn)
+        assert (head.position, head.duplicates) == (5, 1)
