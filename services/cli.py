@@ -9,6 +9,7 @@ import typer
 import uvicorn
 from fastapi import FastAPI
 
+from services import tracing
 from services.ledger.keys_cli import key_app
 from services.logs import configure_logging
 from services.settings import Settings
@@ -34,10 +35,12 @@ def _serve(
     create_app: Callable[[Settings], FastAPI], host: str, port: int, *, gateways: bool = False
 ) -> None:
     """A production process: settings from the environment, its secrets checked (the ledger's
-    admin token; for `gateways`, the policy service, the service token), one server."""
+    admin token; for `gateways`, the policy service, the service token), traces when
+    QUOTA_OTEL_ENABLED, one server."""
     settings = Settings()
     settings.check_secrets(admin=not gateways, gateways=gateways)
     configure_logging(settings.log_level, settings.log_json)
+    tracing.configure(settings, "quota-policy" if gateways else "quota-ledger")
     uvicorn.run(
         create_app(settings),
         host=host,

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import uvicorn
 
+from services import tracing
 from services.contract.cloudevent import decode_http_object
 from services.infra.broker import TansuBroker
 from services.infra.postgres import find_or_start_postgres, with_database
@@ -87,6 +88,7 @@ def run_dev(host: str, ledger_port: int, policy_port: int) -> None:
             log_json=False,
         )
         configure_logging(settings.log_level, settings.log_json)
+        tracing.configure(settings, "quota-dev")  # both services, one process
         upgrade(settings.database_url)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(settings, host, ledger_port, policy_port))

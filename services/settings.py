@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     log_json: bool = True
     access_log: bool = False
     dev_mode: bool = False
+    #: OpenTelemetry traces (`services.tracing`; needs the `otel` extra); the OTEL_* variables
+    #: say where they go.
+    otel_enabled: bool = False
 
     def check_secrets(self, *, admin: bool = True, gateways: bool = False) -> None:
         """Refuse to run production processes without their secrets: the ledger (`admin`)

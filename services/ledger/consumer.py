@@ -26,6 +26,7 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
+from services import tracing
 from services.ledger import ingest, metrics, offset_store
 from services.settings import Settings
 from services.store import event_store, phases
@@ -294,10 +295,13 @@ class LedgerConsumer:
             try:
                 async with self.pool.acquire() as conn:
                     async with conn.transaction():
-                        result = await ingest.apply_batch(
+                        applying = ingest.apply_batch(
                             conn, decoded, offsets, self.settings.consumer_group,
                             optimistic=not self._looked_up,
                         )  # fmt: skip
+                        if tracing.TRACER is not None:  # traces on: a `ledger batch` span
+                            applying = tracing.batch_span(len(decoded), applying)
+                        result = await applying
                         self._looked_up = result.looked_up
                         applied = time.perf_counter()
                     phases.lap("commit", applied)

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from services import http_metrics
+from services import http_metrics, tracing
 from services.contract.cloudevent import format_time
 from services.errors import error_body, error_response, install
 from services.openapi_docs import inline_schema
@@ -146,7 +146,10 @@ async def serve_authorize(policy: Policy, scope: Scope, receive: Receive, send: 
             break
     body = (chunks[0] if len(chunks) == 1 else b"".join(chunks)) if size <= limit else None
     try:
-        status, headers, payload = _rendered(await authorize_decision(policy, token, body))
+        pending = authorize_decision(policy, token, body)
+        if tracing.TRACER is not None:  # traces on: a server span, parent from `traceparent`
+            pending = tracing.authorize_span("POST /authorize", scope["headers"], pending)
+        status, headers, payload = _rendered(await pending)
     except Exception:
         log.exception("POST /authorize failed")
         status, payload = 500, _INTERNAL_ERROR
@@ -239,10 +242,10 @@ def _routes(app: FastAPI) -> None:
         # same for an app mounted otherwise.
         body = await request.body()
         too_large = len(body) > policy.settings.max_request_bytes
-        decision = await authorize_decision(
-            policy, x_quota_service_token, None if too_large else body
-        )
-        return decision_response(decision)
+        pending = authorize_decision(policy, x_quota_service_token, None if too_large else body)
+        if tracing.TRACER is not None:
+            pending = tracing.authorize_span("POST /authorize", request.headers.raw, pending)
+        return decision_response(await pending)
 
     @app.get(
         "/reservations/{reservation_id}",
@@ -278,14 +281,11 @@ def _routes(app: FastAPI) -> None:
         request: Request, policy: PolicyDep, x_quota_service_token: ServiceToken = None
     ) -> Response:
         """nginx `auth_request`, Traefik ForwardAuth, Envoy ext_authz: inputs from headers."""
-        gate = policy.gate(x_quota_service_token)
-        if isinstance(gate, Decision):
-            return _forwarded(request, gate)
-        try:
-            parsed = _forward_request(request)
-        except (ValidationError, ValueError) as exc:
-            return _forwarded(request, counted(invalid_request(exc, gate.position)))
-        return _forwarded(request, await policy.authorize(parsed, gate))
+        pending = _forward_decision(request, policy, x_quota_service_token)
+        if tracing.TRACER is not None:  # traces on: a server span, parent from `traceparent`
+            name = f"{request.method} /authorize/forward"
+            pending = tracing.authorize_span(name, request.headers.raw, pending)
+        return _forwarded(request, await pending)
 
     for method in ("GET", "POST"):
         app.add_api_route(
@@ -317,6 +317,20 @@ def _header_value(value: object) -> str:
     a newline, or beyond Latin-1) percent-encoded as UTF-8."""
     text = str(value)
     return text if text.isascii() and text.isprintable() else quote(text, safe="")
+
+
+async def _forward_decision(
+    request: Request, policy: Policy, service_token: str | None
+) -> Decision:
+    """The forward-auth decision: gate, the inputs from the gateway's headers, decide."""
+    gate = policy.gate(service_token)
+    if isinstance(gate, Decision):
+        return gate
+    try:
+        parsed = _forward_request(request)
+    except (ValidationError, ValueError) as exc:
+        return counted(invalid_request(exc, gate.position))
+    return await policy.authorize(parsed, gate)
 
 
 def _forward_request(request: Request) -> AuthorizeRequest:

@@ -17,6 +17,7 @@ from typing import Final
 import structlog
 from pydantic import ValidationError
 
+from services import tracing
 from services.contract.cloudevent import format_time
 from services.hot_metrics import LabelledCounter
 from services.policy.decision import (
@@ -198,7 +199,12 @@ class Policy:
         reservation's state) with its reservation before applying check 13, and a repeat is
         not counted by check 14 again."""
         now = datetime.now(UTC)
-        decision = decide(request, snapshot, now)
+        tracer = tracing.TRACER  # None unless traces are on: then no step is wrapped in a span
+        if tracer is None:
+            decision = decide(request, snapshot, now)
+        else:
+            with tracer.start_as_current_span("decide"):
+                decision = decide(request, snapshot, now)
         if request.dry_run:
             count("dry_run:" + (decision.reason or "allowed"))
             return decision
@@ -206,7 +212,7 @@ class Policy:
         grant = decision.grant
         if grant is not None and request.estimated_cost is not None:
             try:
-                held = await self.reservations.hold(
+                holding = self.reservations.hold(
                     grant.account_id,
                     request.estimated_cost,
                     request.request_id,
@@ -214,6 +220,7 @@ class Policy:
                     token_id=grant.token_id,
                     model=request.model,
                 )
+                held = await (holding if tracer is None else tracing.child_span("hold", holding))
             except DATABASE_ERRORS as exc:
                 # Nothing was held (the statement is one transaction): refuse, never fail open.
                 log.warning("hold failed", error=str(exc), account_id=grant.account_id)
@@ -230,9 +237,10 @@ class Policy:
             and not (held is not None and held.repeated)
         ):
             account_id, model = decision.rate_limit_key
-            hit = await self.limiter.hit(
+            hitting = self.limiter.hit(
                 account_id, model, decision.rate_limit, request.estimated_cost or 0
             )
+            hit = await (hitting if tracer is None else tracing.child_span("rate_limit", hitting))
             retry_after = hit.retry_after
             if retry_after is not None:
                 if held is not None and held.reservation is not None:
