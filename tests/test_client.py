@@ -33,8 +33,6 @@ from services.client import (
     Retry,
 )
 from services.infra.broker import free_port
-from services.infra.postgres import run_on_server, with_database
-from services.infra.topics import ensure_topic
 from services.policy import service
 from services.policy.errors import SPECS
 from services.settings import Settings
@@ -42,7 +40,7 @@ from services.store import db
 from tests.builders import cloud_event, recharge, token_issued, wait_for, wait_for_position
 from tests.conftest import ADMIN_TOKEN, PARTITIONS
 from tests.deploy.gateways import UNAVAILABLE
-from tests.processes import QuotaProcess, QuotaProcesses
+from tests.processes import QuotaProcess, module_fleet
 
 SERVICE_TOKEN = "client-test-service-token"
 MODEL = "gpt-4o"
@@ -105,48 +103,26 @@ async def stack(
     tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Stack]:
-    suffix = uuid.uuid4().hex[:10]
-    name = f"quota_client_{suffix}"
-    await run_on_server(
-        postgres_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'
-    )
-    settings = Settings(
-        database_url=with_database(postgres_server_url, name),
-        kafka_bootstrap=kafka_bootstrap,
-        topic=f"quota.events.client-{suffix}",
-        topic_partitions=PARTITIONS,
-        consumer_group=f"ledger-{suffix}",
-        admin_token=ADMIN_TOKEN,
-        service_token=SERVICE_TOKEN,
-        batch_timeout_ms=50,
-        kafka_session_timeout_ms=1_500,
-        # A busy 2-core machine must not turn a quiet ledger into 503 snapshot_stale.
-        max_staleness_seconds=300.0,
-    )
-    await ensure_topic(kafka_bootstrap, settings.topic, PARTITIONS)
-    fleet = QuotaProcesses(settings, tmp_path_factory.mktemp("client"))
-    failed_before = request.session.testsfailed
-    pool = await db.create_pool(settings.database_url, max_size=2)
-    try:
-        ledger = fleet.start("ledger", "ledger")
-        policy = fleet.start("policy", "policy")
-        await fleet.wait_ready(ledger)
-        events = world()
-        async with httpx.AsyncClient(base_url=ledger.url, timeout=30) as client:
-            published = await client.post(
-                "/events", json=events, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
-            )
-            assert published.status_code == 202, published.text
-        await wait_for_position(pool, len(events))
-        await fleet.wait_ready(policy, len(events))
-        yield Stack(settings, ledger, policy, pool)
-        fleet.check_alive()
-    finally:
-        await pool.close()
-        fleet.close()
-        if request.session.testsfailed > failed_before:
-            fleet.print_logs()
-        await run_on_server(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with module_fleet(
+        postgres_server_url, template_database, kafka_bootstrap, tmp_path_factory, request,
+        "client", partitions=PARTITIONS, admin_token=ADMIN_TOKEN, service_token=SERVICE_TOKEN,
+    ) as (settings, fleet):  # fmt: skip
+        pool = await db.create_pool(settings.database_url, max_size=2)
+        try:
+            ledger = fleet.start("ledger", "ledger")
+            policy = fleet.start("policy", "policy")
+            await fleet.wait_ready(ledger)
+            events = world()
+            async with httpx.AsyncClient(base_url=ledger.url, timeout=30) as client:
+                published = await client.post(
+                    "/events", json=events, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+                )
+                assert published.status_code == 202, published.text
+            await wait_for_position(pool, len(events))
+            await fleet.wait_ready(policy, len(events))
+            yield Stack(settings, ledger, policy, pool)
+        finally:
+            await pool.close()
 
 
 class Flaky(httpx.AsyncBaseTransport, httpx.BaseTransport):

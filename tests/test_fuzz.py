@@ -24,7 +24,6 @@ left out: its answer depends on the moment, not on the input.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -35,8 +34,6 @@ import pytest
 import schemathesis
 from schemathesis import BaseSchema, Case
 
-from services.infra.postgres import run_on_server, with_database
-from services.infra.topics import ensure_topic
 from services.ledger.app import create_app as create_ledger
 from services.policy.app import create_app as create_policy
 from services.settings import Settings
@@ -50,7 +47,7 @@ from tests.builders import (
     wait_for_rejected,
 )
 from tests.conftest import ADMIN_TOKEN, PARTITIONS
-from tests.processes import QuotaProcess, QuotaProcesses
+from tests.processes import QuotaProcess, QuotaProcesses, module_fleet
 
 ADMIN: Final = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SERVICE_TOKEN: Final = "fuzz-gateway-token"
@@ -265,39 +262,16 @@ async def world(
     """A ledger that has applied the seed and quarantined two bad records, and a policy with a
     service token that has seen it, a held and a released reservation; their own database and
     topic. Both must still run at the end."""
-    suffix = uuid.uuid4().hex[:10]
-    name = f"quota_fuzz_{suffix}"
-    await run_on_server(
-        postgres_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'
-    )
-    settings = Settings(
-        database_url=with_database(postgres_server_url, name),
-        kafka_bootstrap=kafka_bootstrap,
-        topic=f"quota.events.fuzz-{suffix}",
-        topic_partitions=PARTITIONS,
-        consumer_group=f"ledger-{suffix}",
-        admin_token=ADMIN_TOKEN,
-        batch_timeout_ms=50,
-        kafka_session_timeout_ms=1_500,
-        # A busy 2-core machine must not turn a quiet ledger into 503 snapshot_stale.
-        max_staleness_seconds=300.0,
-    )
-    await ensure_topic(kafka_bootstrap, settings.topic, PARTITIONS)
-    fleet = QuotaProcesses(settings, tmp_path_factory.mktemp("fuzz"))
-    failed_before = request.session.testsfailed
-    try:
+    async with module_fleet(
+        postgres_server_url, template_database, kafka_bootstrap, tmp_path_factory, request,
+        "fuzz", partitions=PARTITIONS, admin_token=ADMIN_TOKEN,
+    ) as (settings, fleet):  # fmt: skip
         pool = await db.create_pool(settings.database_url, max_size=2)
         try:
             ledger, policy, reservations = await _start(fleet, pool, settings)
         finally:
             await pool.close()
         yield World(fleet, ledger, policy, reservations)
-        fleet.check_alive()
-    finally:
-        fleet.close()
-        if request.session.testsfailed > failed_before:
-            fleet.print_logs()
-        await run_on_server(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _start(

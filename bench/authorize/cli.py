@@ -406,7 +406,7 @@ def _targets(rows: list[dict[str, Any]], freshness: dict[str, Any]) -> list[dict
     items = [
         ("allowed rps / ceiling rps", ratio("allowed", "ceiling"), ">=", 0.5, "x"),
         ("allowed rps / baseline rps", ratio("allowed", "baseline"), ">=", 4.0, "x"),
-        ("reserve rps / baseline rps", ratio("reserve", "baseline"), ">=", 1.0, "x"),
+        ("reserve rps / baseline rps", ratio("reserve", "baseline"), ">=", 1.5, "x"),
         ("budgeted rps / allowed rps", ratio("budgeted", "allowed"), ">=", 0.9, "x"),
         ("reserve budgeted rps / reserve rps", ratio("reserve_budgeted", "reserve"), ">=", 0.9,
          "x"),

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -33,15 +34,13 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from services import cli as quota_cli
-from services.infra.postgres import run_on_server, with_database
-from services.infra.topics import ensure_topic
 from services.ledger import keys_api
 from services.ledger.app import create_app
 from services.settings import Settings
 from services.store import db
 from tests.builders import cloud_event, recharge, wait_for_position
 from tests.conftest import ADMIN_TOKEN, PARTITIONS
-from tests.processes import QUOTA, QuotaProcess, QuotaProcesses, quota_env
+from tests.processes import QUOTA, QuotaProcess, QuotaProcesses, module_fleet, quota_env
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -78,56 +77,34 @@ async def stack(
     tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Stack]:
-    suffix = uuid.uuid4().hex[:10]
-    name = f"quota_keys_{suffix}"
-    await run_on_server(
-        postgres_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'
-    )
-    settings = Settings(
-        database_url=with_database(postgres_server_url, name),
-        kafka_bootstrap=kafka_bootstrap,
-        topic=f"quota.events.keys-{suffix}",
-        topic_partitions=PARTITIONS,
-        consumer_group=f"ledger-{suffix}",
-        admin_token=ADMIN_TOKEN,
-        allow_anonymous_gateways=True,
-        batch_timeout_ms=50,
-        kafka_session_timeout_ms=1_500,
-        # A busy 2-core machine must not turn a quiet ledger into 503 snapshot_stale.
-        max_staleness_seconds=300.0,
+    async with module_fleet(
+        postgres_server_url, template_database, kafka_bootstrap, tmp_path_factory, request,
+        "keys", partitions=PARTITIONS, admin_token=ADMIN_TOKEN, allow_anonymous_gateways=True,
         # As talkative as the processes get: every line is searched for keys at the end.
-        log_level="DEBUG",
-        access_log=True,
-    )
-    await ensure_topic(kafka_bootstrap, settings.topic, PARTITIONS)
-    fleet = QuotaProcesses(settings, tmp_path_factory.mktemp("keys"))
-    failed_before = request.session.testsfailed
-    pool = await db.create_pool(settings.database_url, max_size=2)
-    try:
-        ledger = fleet.start("ledger", "ledger")
-        policies = [fleet.start("policy", f"policy-{i}") for i in range(2)]
-        await fleet.wait_ready(ledger)
-        setup = [
-            cloud_event("quota.model.registered", "catalog", {"model": MODEL, "kind": "chat"}),
-            cloud_event("quota.channel.registered", "catalog",
-                        {"channel_id": 1, "models": [MODEL], "groups": ["default"]}),
-            recharge(ACCOUNT, 10**9),
-            recharge(KEYLESS, 10),
-        ]  # fmt: skip
-        async with httpx.AsyncClient(base_url=ledger.url, headers=AUTH, timeout=60) as client:
-            published = await client.post("/events", json=setup)
-            assert published.status_code == 202, published.text
-            await wait_for_position(pool, len(setup))
-            for policy in policies:
-                await fleet.wait_ready(policy, len(setup))
-            yield Stack(settings, name, fleet, ledger, policies, pool, client)
-        fleet.check_alive()
-    finally:
-        await pool.close()
-        fleet.close()
-        if request.session.testsfailed > failed_before:
-            fleet.print_logs()
-        await run_on_server(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        log_level="DEBUG", access_log=True,
+    ) as (settings, fleet):  # fmt: skip
+        name = unquote(urlsplit(settings.database_url).path.lstrip("/"))
+        pool = await db.create_pool(settings.database_url, max_size=2)
+        try:
+            ledger = fleet.start("ledger", "ledger")
+            policies = [fleet.start("policy", f"policy-{i}") for i in range(2)]
+            await fleet.wait_ready(ledger)
+            setup = [
+                cloud_event("quota.model.registered", "catalog", {"model": MODEL, "kind": "chat"}),
+                cloud_event("quota.channel.registered", "catalog",
+                            {"channel_id": 1, "models": [MODEL], "groups": ["default"]}),
+                recharge(ACCOUNT, 10**9),
+                recharge(KEYLESS, 10),
+            ]  # fmt: skip
+            async with httpx.AsyncClient(base_url=ledger.url, headers=AUTH, timeout=60) as client:
+                published = await client.post("/events", json=setup)
+                assert published.status_code == 202, published.text
+                await wait_for_position(pool, len(setup))
+                for policy in policies:
+                    await fleet.wait_ready(policy, len(setup))
+                yield Stack(settings, name, fleet, ledger, policies, pool, client)
+        finally:
+            await pool.close()
 
 
 # --- helpers --------------------------------------------------------------------------------
