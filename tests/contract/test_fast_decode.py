@@ -30,17 +30,9 @@ from pydantic.functional_validators import AfterValidator
 
 from services.contract import events
 from services.contract.cloudevent import Rejection, _unstorable, canonical_json, decode_kafka
+from services.contract.data_structs import PLANS, DataPlan, _construct, fast_data, plan_for
 from services.contract.events import CATALOG_EVENTS, EVENT_TYPES, Event, EventData
-from services.contract.fast_decode import (
-    _JSON,
-    PLANS,
-    DataPlan,
-    _construct,
-    _header_time,
-    decode_record,
-    fast_data,
-    plan_for,
-)
+from services.contract.fast_decode import _JSON, _header_time, decode_record
 from tests.builders import binary, cloud_event, recharge, structured, token_issued, usage
 
 Headers = list[tuple[str, bytes]]
@@ -579,7 +571,7 @@ def _plans(plan: DataPlan) -> list[DataPlan]:
 
 
 #: The fields pydantic validates on the hot path (msgspec cannot state them); any other field is
-#: the struct's. A new one here is a choice: teach `fast_decode._msgspec_type`, or add it.
+#: the struct's. A new one here is a choice: teach `data_structs._msgspec_type`, or add it.
 PYDANTIC_FIELDS: Final = {
     ("BudgetSet", "timezone"),
     ("TokenIssued", "expires_at"),
