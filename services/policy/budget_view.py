@@ -80,13 +80,6 @@ def resets_at(period: str, timezone: str, now: datetime) -> str | None:
     return end_text(bounds(period, timezone, now)[1])
 
 
-def budget_figure(budget: Budget, spent: int, held: int, now: datetime) -> BudgetFigure:
-    return BudgetFigure(
-        budget.budget_id, budget.scope, budget.period, budget.timezone, budget.amount, spent,
-        held, resets_at(budget.period, budget.timezone, now),
-    )  # fmt: skip
-
-
 @dataclass(frozen=True, slots=True)
 class Coverage:
     """The budgets covering one (account, token, model), fixed while `start <= now < end`:
@@ -94,7 +87,6 @@ class Coverage:
 
     start: datetime
     end: datetime | None
-    budgets: tuple[Budget, ...]
     room: tuple[int, ...]
     least_room: int
     figures: tuple[BudgetFigure, ...]
@@ -132,4 +124,4 @@ def build_coverage(budgets: list[Budget], spend: Any, now: datetime) -> Coverage
             )
         )  # fmt: skip
     room = tuple(f.amount - f.spent - f.held for f in figures)
-    return Coverage(start, end, tuple(budgets), room, min(room, default=0), tuple(figures))
+    return Coverage(start, end, room, min(room, default=0), tuple(figures))

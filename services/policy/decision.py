@@ -369,7 +369,7 @@ def decide(request: AuthorizeInput, snapshot: Snapshot, now: datetime) -> Decisi
             return deny(MODEL_UNAVAILABLE, position)
         eligible: tuple[Channel, ...] = (pinned,)
     else:
-        eligible = snapshot.serving_channels.get((account.group, model), ())
+        eligible = snapshot.serving.get((account.group, model), ())
         if not eligible:
             return deny(MODEL_UNAVAILABLE, position)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Protocol
+from typing import Annotated, Final
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -77,40 +77,10 @@ class AuthorizeBody(msgspec.Struct, frozen=True, gc=False):
     dry_run: bool = False
 
 
-class RequestInput(Protocol):
-    """What check 11 reads of the client's request: `RequestFields` or `RequestBody`."""
-
-    @property
-    def prompt(self) -> str | None: ...
-    @property
-    def size(self) -> str | None: ...
-    @property
-    def n(self) -> int | None: ...
-    @property
-    def input(self) -> str | list[str] | None: ...
-
-
-class AuthorizeInput(Protocol):
-    """What a decision reads of a request: `AuthorizeRequest` or `AuthorizeBody`."""
-
-    @property
-    def authorization(self) -> str | None: ...
-    @property
-    def client_ip(self) -> str | None: ...
-    @property
-    def route(self) -> str | None: ...
-    @property
-    def model(self) -> str | None: ...
-    @property
-    def channel_id(self) -> str | int | None: ...
-    @property
-    def request(self) -> RequestInput: ...
-    @property
-    def estimated_cost(self) -> int | None: ...
-    @property
-    def request_id(self) -> str | None: ...
-    @property
-    def dry_run(self) -> bool: ...
+#: What check 11 reads of the client's request, and what a decision reads of a request: either
+#: type, whichever parsed it (their fields are the same).
+RequestInput = RequestFields | RequestBody
+AuthorizeInput = AuthorizeRequest | AuthorizeBody
 
 
 _BODY: Final = msgspec.json.Decoder(AuthorizeBody)

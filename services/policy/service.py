@@ -227,7 +227,7 @@ class Policy:
                 count(RESERVATION_UNAVAILABLE)
                 return reservation_unavailable(snapshot.position)
             if held.reservation is None:
-                decision = _hold_refused(request, held, snapshot.position, now)
+                decision = _hold_refused(request, held, snapshot.position)
             else:
                 decision = _with_reservation(decision, held, now, snapshot, request.model)
         if (
@@ -271,9 +271,7 @@ class Policy:
             raise ReservationUnavailable(str(exc)) from exc
 
 
-def _hold_refused(
-    request: AuthorizeInput, held: HoldOutcome, position: int, now: datetime
-) -> Decision:
+def _hold_refused(request: AuthorizeInput, held: HoldOutcome, position: int) -> Decision:
     """The decision for a hold the hold function refused: check 13, 13a, 13b or 13c."""
     last6 = extract_key(request.authorization)[-6:]
     if held.refusal == CONCURRENCY_LIMITED:

@@ -131,8 +131,7 @@ def _catalog_indexes(state: State) -> dict[str, Any]:
         "channels": _freeze(dict(state.channels)),
         "models": _freeze(dict(state.models)),
         "routes": RouteTable.build(state.routes.values()),
-        "serving": _freeze({key: tuple(sorted(ids)) for key, ids in serving.items()}),
-        "serving_channels": _freeze(
+        "serving": _freeze(
             {key: tuple(state.channels[i] for i in sorted(ids)) for key, ids in serving.items()}
         ),
     }
@@ -155,10 +154,8 @@ class Snapshot:
     models: Mapping[str, ModelSpec]
     routes: RouteTable
     rate_limits: Mapping[tuple[str, str], RateLimit]
-    #: (group, model) -> ids of the enabled channels serving that model to that group, sorted.
-    serving: Mapping[tuple[str, str], tuple[int, ...]]
-    #: The same, as the channels themselves (what check 10 and 12 read).
-    serving_channels: Mapping[tuple[str, str], tuple[Channel, ...]]
+    #: (group, model) -> the enabled channels serving that model to that group, by id.
+    serving: Mapping[tuple[str, str], tuple[Channel, ...]]
     #: token_id -> the parsed networks of its `allowed_cidrs`.
     networks: Mapping[str, tuple[Network, ...]] = field(default_factory=lambda: _freeze({}))
     #: Live views, like `accounts`: account_id -> its budgets in check order, and

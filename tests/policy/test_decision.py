@@ -790,7 +790,7 @@ def test_retry_after_is_at_least_one_second() -> None:
 def test_snapshot_is_read_only_and_indexed() -> None:
     snapshot = snap()
     assert snapshot.tokens[sha(USER_KEY)].token_id == "tok_user"
-    assert snapshot.serving[("default", "gpt-4o")] == (1, 2)
+    assert [c.channel_id for c in snapshot.serving[("default", "gpt-4o")]] == [1, 2]
     assert ("default", "gpt-4o") in snapshot.serving
     with pytest.raises(TypeError):
         snapshot.accounts["x"] = Account("x")  # type: ignore[index]
