@@ -41,7 +41,6 @@ Choices where the contract is silent (documented here, tested in tests/policy):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -112,7 +111,9 @@ def snapshot_figures(
 
 
 # Grant and Decision are not frozen: a frozen dataclass's __init__ sets each field through
-# object.__setattr__, which costs a decision about two microseconds. Nothing changes them.
+# object.__setattr__, which costs a decision about two microseconds. Each is built for one
+# request; only the service completes one, in place, before it is answered (a hold's
+# reservation and figures, the rate limit's headers).
 @dataclass(slots=True)
 class Grant:
     """What an allowed decision tells the gateway."""
@@ -272,25 +273,23 @@ def _resolve_key(
 ) -> tuple[Token, str, str | None] | None:
     """The token of a key, the key without its channel suffix, and the suffix (the pin). A
     rotated token's previous key resolves until its `previous_valid_until`, then no more."""
-    for candidate, pin in _key_readings(key):
+    # The whole key, then the key before its last `-` with the rest as the pin.
+    candidate: str = key
+    pin: str | None = None
+    while True:
         digest = key_sha256(candidate)
         token = snapshot.tokens.get(digest)
-        if token is None:
-            continue
-        if digest != token.key_sha256 and (
-            token.previous_valid_until is None or token.previous_valid_until <= now
-        ):
-            return None  # a rotated-away key past its grace
-        return token, candidate, pin
-    return None
-
-
-def _key_readings(key: str) -> Iterator[tuple[str, str | None]]:
-    """The whole key, then the key before its last `-` with the rest as the pin."""
-    yield key, None
-    base, dash, suffix = key.rpartition("-")
-    if dash:
-        yield base, suffix
+        if token is not None:
+            if digest != token.key_sha256 and (
+                token.previous_valid_until is None or token.previous_valid_until <= now
+            ):
+                return None  # a rotated-away key past its grace
+            return token, candidate, pin
+        if pin is not None:
+            return None
+        candidate, dash, pin = key.rpartition("-")
+        if not dash:
+            return None
 
 
 def decide(request: AuthorizeInput, snapshot: Snapshot, now: datetime) -> Decision:

@@ -92,7 +92,7 @@ def decision_response(decision: Decision) -> Response:
 
 
 async def authorize_decision(
-    policy: Policy, service_token: str | None, body: bytes | None
+    policy: Policy, service_token: str | bytes | None, body: bytes | None
 ) -> Decision:
     """The whole `POST /authorize`: gate, parse, decide; `body` None when it was too large."""
     gate = policy.gate(service_token)
@@ -116,9 +116,10 @@ _INTERNAL_ERROR: Final = orjson.dumps(
 def _rendered(decision: Decision) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """A decision as the status, headers and body of its HTTP answer."""
     body = orjson.dumps(decision.body)
-    headers = [_JSON, (b"content-length", str(len(body)).encode())]
-    for name, value in decision.headers.items():
-        headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    headers = [_JSON, (b"content-length", b"%d" % len(body))]
+    if decision.limit_headers or decision.retry_after is not None:
+        for name, value in decision.headers.items():
+            headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
     return decision.status, headers, body
 
 
@@ -127,10 +128,10 @@ async def serve_authorize(policy: Policy, scope: Scope, receive: Receive, send: 
     answer. Counted and timed by `quota_http_*` like every other request; an exception is
     answered 500 and logged, as the framework would."""
     started = time.perf_counter()
-    token = None
+    token: bytes | None = None
     for name, value in scope["headers"]:
         if name == b"x-quota-service-token":
-            token = value.decode("latin-1")
+            token = value
     limit = policy.settings.max_request_bytes
     chunks: list[bytes] = []
     size = 0

@@ -10,7 +10,6 @@ maps to the same answer in one place.
 from __future__ import annotations
 
 import hmac
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Final
 
@@ -115,16 +114,23 @@ class Policy:
         self.store = store
         self.limiter = limiter
         self.reservations = reservations
+        #: The service token as the bytes a header carries (b"": none is configured).
+        self._service_token = (settings.service_token or "").encode()
 
     # ---------------------------------------------------------------------------- the gate
 
-    def refuse_service(self, service_token: str | None) -> Decision | None:
+    def refuse_service(self, service_token: str | bytes | None) -> Decision | None:
         """401 when a service token is configured and the gateway did not send it, or sent
-        another (compared in constant time). Every route but health and metrics asks this."""
-        expected = self.settings.service_token
-        # Header values arrive decoded as latin-1: back to their bytes, against the UTF-8.
-        sent = (service_token or "").encode("latin-1", "replace")
-        if expected and not hmac.compare_digest(sent, expected.encode()):
+        another (compared in constant time). Every route but health and metrics asks this.
+        The header's raw bytes, or its value decoded as latin-1 (as frameworks hand it)."""
+        expected = self._service_token
+        if not expected:
+            return None
+        if isinstance(service_token, bytes):
+            sent = service_token
+        else:  # back to the header's bytes, against the UTF-8
+            sent = (service_token or "").encode("latin-1", "replace")
+        if not hmac.compare_digest(sent, expected):
             return _refusal(
                 401,
                 SERVICE_TOKEN_INVALID,
@@ -135,7 +141,7 @@ class Policy:
             )
         return None
 
-    def gate(self, service_token: str | None) -> Decision | Snapshot:
+    def gate(self, service_token: str | bytes | None) -> Decision | Snapshot:
         """Service authentication and freshness: the snapshot to decide from, or the refusal
         (counted as a decision)."""
         refused = self.refuse_service(service_token)
@@ -251,7 +257,7 @@ class Policy:
                     except DATABASE_ERRORS as exc:  # the TTL ends it instead
                         log.warning("release after 429 failed", error=str(exc))
                 decision = rate_limited(decision, retry_after)
-            decision = replace(decision, limit_headers=tuple(hit.headers.items()))
+            decision.limit_headers = tuple(hit.headers.items())
         count(decision.reason or "allowed")
         return decision
 
@@ -299,12 +305,10 @@ def _with_reservation(
         if held.repeated
         else held.budgets
     )
-    grant = replace(
-        grant,
-        balance=held.balance,
-        available=held.balance - held.held,
-        reservation=hold,
-        budgets=figures,
-    )
-    position = max(decision.position, reservation.held_position)
-    return replace(decision, grant=grant, position=position)
+    # `decide` built this decision and its grant for this request alone: completed in place.
+    grant.balance = held.balance
+    grant.available = held.balance - held.held
+    grant.reservation = hold
+    grant.budgets = figures
+    decision.position = max(decision.position, reservation.held_position)
+    return decision

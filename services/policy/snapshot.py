@@ -72,7 +72,9 @@ class RouteTable:
         """The policy that governs `route`: exact first, then the longest prefix."""
         if route is None:
             return self.strictest
-        path = route.split("?", 1)[0].split("#", 1)[0]
+        path = route
+        if "?" in path or "#" in path:
+            path = path.split("?", 1)[0].split("#", 1)[0]
         policy = self.exact.get(path)
         if policy is not None:
             return policy

@@ -4,6 +4,7 @@ release, expiry at the TTL, settlement by usage, and a ledger restart in the mid
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,8 @@ import asyncpg
 import httpx
 import pytest
 
+from services.contract.cloudevent import canonical_json, event_content
+from services.contract.events import Event, ReservationHeld
 from services.ledger.audit import verify
 from services.settings import Settings
 from tests.builders import (
@@ -121,6 +124,42 @@ async def test_the_same_request_id_returns_the_same_reservation_on_either_proces
     async with pool.acquire() as conn:
         held = await conn.fetchval("SELECT held FROM accounts WHERE account_id = 'acct_idem'")
     assert held == 60
+
+
+@pytest.mark.timeout(120)
+async def test_a_held_events_stored_payload_is_its_canonical_content_and_valid(
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
+) -> None:
+    """The group commit renders the held event's content itself (no model built per hold):
+    the payload stored must be what `event_content` of that event renders, and its data must
+    validate as `quota.reservation.held`."""
+    async with running_ledger(settings) as (_, ledger):
+        await fund(ledger, pool, "acct_payload", 100)
+        (policy,) = await start_policies(quota_processes, pool, 1)
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(f"{policy.url}/authorize", json=ask(30, "req-payload"))
+    assert answer.status_code == 200, answer.text
+    reservation_id = answer.json()["reservation"]["id"]
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT type, source, subject, time, payload FROM event_store WHERE event_id = $1",
+            f"{reservation_id}:held",
+        )
+    assert row is not None
+    stored: str = row["payload"]
+    content = json.loads(stored)
+    event = Event(
+        id=content["id"], source=row["source"], type=row["type"], subject=row["subject"],
+        time=row["time"], data=ReservationHeld.model_validate(content["data"]),
+        raw_data=content["data"],
+    )  # fmt: skip
+    assert canonical_json(event_content(event)).decode() == stored
+    assert content["data"] == {
+        "reservation_id": reservation_id, "amount": 30, "request_id": "req-payload",
+        "expires_at": content["data"]["expires_at"], "actor": "token:tok_r",
+        "token_id": "tok_r", "model": "gpt-4o",
+    }  # fmt: skip
+    assert datetime.fromisoformat(content["data"]["expires_at"]) > row["time"]
 
 
 async def held_of(pool: asyncpg.Pool, account: str) -> int:
