@@ -76,16 +76,19 @@ def format_time(value: datetime) -> str:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
+def content(
+    id_: str, source: str, type_: str, subject: str | None, time: str | None, data: Any
+) -> dict[str, Any]:
+    """The attributes that identify an event's content (what a reused id is compared on, and
+    what is hashed), `time` already formatted (`format_time`)."""
+    return {"id": id_, "source": source, "type": type_, "subject": subject, "time": time,
+            "data": data}  # fmt: skip
+
+
 def event_content(event: Event) -> dict[str, Any]:
-    """The attributes that identify an event's content (what a reused id is compared on)."""
-    return {
-        "id": event.id,
-        "source": event.source,
-        "type": event.type,
-        "subject": event.subject,
-        "time": format_time(event.time) if event.time is not None else None,
-        "data": event.raw_data,
-    }
+    """`content` of a decoded event."""
+    time = format_time(event.time) if event.time is not None else None
+    return content(event.id, event.source, event.type, event.subject, time, event.raw_data)
 
 
 def decode_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> Event:

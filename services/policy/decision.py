@@ -274,22 +274,21 @@ def _resolve_key(
     """The token of a key, the key without its channel suffix, and the suffix (the pin). A
     rotated token's previous key resolves until its `previous_valid_until`, then no more."""
     # The whole key, then the key before its last `-` with the rest as the pin.
-    candidate: str = key
-    pin: str | None = None
-    while True:
+    base, dash, suffix = key.rpartition("-")
+    readings: tuple[tuple[str, str | None], ...] = (
+        ((key, None), (base, suffix)) if dash else ((key, None),)
+    )
+    for candidate, pin in readings:
         digest = key_sha256(candidate)
         token = snapshot.tokens.get(digest)
-        if token is not None:
-            if digest != token.key_sha256 and (
-                token.previous_valid_until is None or token.previous_valid_until <= now
-            ):
-                return None  # a rotated-away key past its grace
-            return token, candidate, pin
-        if pin is not None:
-            return None
-        candidate, dash, pin = key.rpartition("-")
-        if not dash:
-            return None
+        if token is None:
+            continue
+        if digest != token.key_sha256 and (
+            token.previous_valid_until is None or token.previous_valid_until <= now
+        ):
+            return None  # a rotated-away key past its grace
+        return token, candidate, pin
+    return None
 
 
 def decide(request: AuthorizeInput, snapshot: Snapshot, now: datetime) -> Decision:

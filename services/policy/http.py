@@ -117,9 +117,8 @@ def _rendered(decision: Decision) -> tuple[int, list[tuple[bytes, bytes]], bytes
     """A decision as the status, headers and body of its HTTP answer."""
     body = orjson.dumps(decision.body)
     headers = [_JSON, (b"content-length", b"%d" % len(body))]
-    if decision.limit_headers or decision.retry_after is not None:
-        for name, value in decision.headers.items():
-            headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    for name, value in decision.headers.items():
+        headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
     return decision.status, headers, body
 
 

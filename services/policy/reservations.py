@@ -31,7 +31,7 @@ import structlog
 from prometheus_client import Histogram
 
 from services.contract import events as ev
-from services.contract.cloudevent import canonical_json, format_time
+from services.contract.cloudevent import canonical_json, content, format_time
 from services.contract.events import Event
 from services.policy.budget_view import BudgetFigure, resets_at
 from services.store import event_store, reservation_store
@@ -279,13 +279,12 @@ class Reservations:
             if request.model is not None:
                 data["model"] = request.model
             event_id = f"{reservation_id}:held"
-            # `event_content` of the held event, built directly: its data is the request's,
-            # already validated (tests/policy/test_reservations.py checks the stored payload
-            # against the event's model and `event_content`).
-            payload = canonical_json({
-                "id": event_id, "source": SOURCE, "type": HELD_EVENT,
-                "subject": request.account_id, "time": time_text, "data": data,
-            })  # fmt: skip
+            # No `Event` model per hold: its data is the request's, already validated
+            # (tests/policy/test_reservations.py checks the stored payload against the event's
+            # model and `event_content`).
+            payload = canonical_json(
+                content(event_id, SOURCE, HELD_EVENT, request.account_id, time_text, data)
+            )
             holds.append(
                 reservation_store.NewHold(
                     request.account_id, request.request_id, request.amount, reservation_id,
