@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from services.contract.cloudevent import canonical_json, event_content
 from services.contract.events import Event, ReservationHeld
 from services.ledger.audit import verify
+from services.policy.reservations import HOLD_TIMEOUT_SECONDS
 from services.settings import Settings
 from tests.builders import (
     assert_history_clean,
@@ -390,6 +392,42 @@ async def test_a_hold_the_database_refuses_is_a_503_and_holds_nothing(
     assert refused.json()["error"]["reason"] == "reservation_unavailable"
     assert check_only.status_code == 200
     assert held.status_code == 200 and held.json()["reservation"]["amount"] == 40
+    assert (account["held"], account["available"]) == (40, 60)
+
+
+@pytest.mark.timeout(120)
+async def test_a_hold_the_database_hangs_on_is_a_503_within_its_timeout_and_found_after(
+    settings: Settings, pool: asyncpg.Pool, quota_processes: QuotaProcesses
+) -> None:
+    """The hold statement hangs (another transaction keeps the head lock): the gateway is
+    answered 503 reservation_unavailable after HOLD_TIMEOUT_SECONDS, not left waiting; the hold
+    commits once the lock is free, and the retry with its request id gets that reservation,
+    held once."""
+    async with running_ledger(settings) as (_, ledger):
+        await fund(ledger, pool, "acct_hang", 100)
+        (policy,) = await start_policies(quota_processes, pool, 1)
+        async with httpx.AsyncClient(base_url=policy.url, timeout=30) as client:
+            async with pool.acquire() as conn:
+                locked = conn.transaction()
+                await locked.start()
+                await conn.execute("SELECT position FROM ledger_head WHERE id = 1 FOR UPDATE")
+                try:
+                    started = time.monotonic()
+                    hung = await client.post("/authorize", json=ask(40, "req-hang"))
+                    waited = time.monotonic() - started
+                    check_only = await client.post(
+                        "/authorize", json={**ask(40), "estimated_cost": None}
+                    )
+                finally:
+                    await locked.rollback()
+            retried = await client.post("/authorize", json=ask(40, "req-hang"))
+        account = (await ledger.get("/accounts/acct_hang", headers=AUTH)).json()
+    assert hung.status_code == 503, hung.text
+    assert hung.json()["error"]["reason"] == "reservation_unavailable"
+    assert HOLD_TIMEOUT_SECONDS <= waited < HOLD_TIMEOUT_SECONDS + 3
+    assert check_only.status_code == 200
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["reservation"]["amount"] == 40
     assert (account["held"], account["available"]) == (40, 60)
 
 
